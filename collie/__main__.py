@@ -1,0 +1,5 @@
+import sys
+
+from collie.cli import main
+
+sys.exit(main())

@@ -1,0 +1,97 @@
+"""``collie train | convert | generate`` — the command line (also ``python -m collie`` and ``torchrun -m collie``)."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from collie.errors import CollieError
+
+
+def cmd_train(args) -> int:
+    from collie.config import CollieConfig
+    from collie.trainer import Trainer
+    cfg = CollieConfig.load(args.config, args.overrides)
+    trainer = Trainer(cfg)
+    results = trainer.fit()
+    if results and trainer.is_main_process:
+        print("final evaluation: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                               for k, v in results.items()))
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from collie.trainer.builders import DTYPES
+    dtype = DTYPES[args.dtype] if args.dtype else None
+    if args.merge:
+        from collie.peft import merge_adapter
+        merge_adapter(args.checkpoint, args.merge, args.out, dtype)
+        print(f"merged adapter {args.merge} into {args.checkpoint}: wrote Hugging Face model to {args.out}")
+        return 0
+    from collie.trainer.checkpoint import export_to_hf
+    export_to_hf(args.checkpoint, args.out, dtype)
+    print(f"wrote Hugging Face model to {args.out}")
+    return 0
+
+
+def cmd_generate(args) -> int:
+    import torch
+
+    from collie.data.tokenizer import load_tokenizer
+    from collie.evaluation.generation import generate
+    from collie.peft import load_model_or_adapter
+    model = load_model_or_adapter(args.model).eval()
+    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    prompts = [tokenizer.encode(p, add_bos=True) for p in args.prompt]
+    generator = torch.Generator().manual_seed(args.seed)
+    outputs = generate(model, prompts, args.max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                       temperature=args.temperature, top_p=args.top_p, generator=generator)
+    for prompt, out in zip(args.prompt, outputs):
+        print(f"{prompt}{tokenizer.decode(out)}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="collie", description="Train LLMs with 3D parallelism.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train from a YAML config")
+    train.add_argument("config", help="YAML job config, e.g. configs/quickstart.yaml")
+    train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=10 optim.lr=3e-4")
+    train.set_defaults(run=cmd_train)
+    convert = sub.add_parser("convert", help="export a training checkpoint (or base model + LoRA adapter with "
+                                             "--merge) as a Hugging Face model directory")
+    convert.add_argument("checkpoint", help="checkpoint directory, e.g. OUTPUT_DIR/checkpoints/step-00001000; "
+                                            "with --merge: the base Hugging Face model directory")
+    convert.add_argument("--merge", metavar="ADAPTER", help="peft LoRA adapter directory to merge into the base")
+    convert.add_argument("out", help="directory to write (config.json + safetensors)")
+    convert.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast weights when saving")
+    convert.set_defaults(run=cmd_convert)
+    gen = sub.add_parser("generate", help="continue prompts with a saved model")
+    gen.add_argument("model", help="Hugging Face model or LoRA adapter directory (e.g. OUTPUT_DIR/final)")
+    gen.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
+    gen.add_argument("--tokenizer", help="tokenizer path if not in the model directory")
+    gen.add_argument("--max-new-tokens", type=int, default=32)
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
+    gen.add_argument("--top-p", type=float, default=1.0)
+    gen.add_argument("--seed", type=int, default=0)
+    gen.set_defaults(run=cmd_generate)
+    # listed for --help only: main() hands `collie estimate …` to collie.estimate.cli before parsing
+    sub.add_parser("estimate", help="predict per-GPU memory and per-step communication of a job "
+                                    "(collie estimate --help)")
+    return parser
+
+
+def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["estimate"]:  # its own parser: see collie/estimate/cli.py
+        from collie.estimate.cli import estimate_main
+        return estimate_main(argv[1:])
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except CollieError as e:
+        print(f"collie: error: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

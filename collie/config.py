@@ -1,0 +1,298 @@
+"""The job configuration: one dataclass per section, loaded from YAML with dotted command-line overrides.
+
+    cfg = CollieConfig.load("configs/quickstart.yaml", ["train.max_steps=10", "optim.lr=3e-4"])
+
+Every field documents itself in ``metadata["help"]``; ``docs/configuration.md`` is generated from these
+dataclasses (``python -m collie.config_reference``). Keys, types and ranges are checked by
+``collie.schema``; combinations of sections are checked by ``CollieConfig.validate``.
+"""
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+import yaml
+
+from collie.errors import ConfigError
+from collie.schema import from_dict, suggest
+
+
+def _f(default, help: str, **bounds):
+    """A dataclass field with its documentation and bounds."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata={"help": help, **bounds})
+    return field(default=default, metadata={"help": help, **bounds})
+
+
+@dataclass
+class ModelConfig:
+    """Which architecture to build and where its weights come from."""
+    card: str = _f("tiny", "architecture card: a name from models/ (tiny, llama3-8b, …) or a path to a YAML card")
+    arch: dict = _f({}, "overrides of card fields, e.g. {num_hidden_layers: 2}; keys are ModelArgs fields")
+    pretrained: Optional[str] = _f(None, "local Hugging Face model directory to load architecture and weights "
+                                         "from (overrides card); null = random init")
+    dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "dtype of the parameters")
+    activation_checkpointing: Literal["none", "full", "selective"] = _f(
+        "none", "recompute activations in backward: none, full (every layer) or selective (every "
+                "`checkpoint_every`-th layer)")
+    checkpoint_every: int = _f(2, "with activation_checkpointing=selective, checkpoint every n-th layer", min=1)
+
+
+@dataclass
+class ParallelConfig:
+    """How the job is spread over processes: data × tensor × pipeline parallel, and ZeRO."""
+    dp: int = _f(-1, "data-parallel degree; -1 = world size / (tp·pp)", min=-1)
+    tp: int = _f(1, "tensor-parallel degree", min=1)
+    pp: int = _f(1, "pipeline-parallel degree (number of stages)", min=1)
+    zero_stage: int = _f(0, "ZeRO stage over the data-parallel group: 0 replicate, 1 shard optimizer state, "
+                            "2 + gradients, 3 + parameters", min=0, max=3)
+    cpu_offload: bool = _f(False, "offload optimizer state (and parameters at stage 3) to CPU memory")
+    sequence_parallel: bool = _f(False, "shard norms/dropout activations along the sequence over the tp group")
+    pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b"] = _f("1f1b", "pipeline schedule")
+    pp_microbatches: Optional[int] = _f(None, "micro-batches per pipeline step; null = 2·pp", min=1)
+    pp_split: Literal["uniform", "balanced"] = _f("uniform", "how layers are split into stages (ignored when "
+                                                              "pp_boundaries is set)")
+    pp_boundaries: Optional[list[int]] = _f(None, "manual stage boundaries: first layer index of stages 1..pp-1")
+    engine: Literal["native", "deepspeed"] = _f("native", "ZeRO engine: torch-native (DDP/ZeRO optimizer/FSDP2) "
+                                                          "or DeepSpeed")
+    timeout_s: int = _f(600, "collective timeout in seconds before a hung job fails", min=1)
+
+
+@dataclass
+class OptimConfig:
+    """Optimizer and learning-rate schedule."""
+    name: str = _f("adamw", "optimizer name from the registry (adamw, lion, adan, sophia, lomo, adalomo, …)")
+    lr: float = _f(1e-3, "peak learning rate", min=0.0)
+    weight_decay: float = _f(0.0, "decoupled weight decay", min=0.0)
+    args: dict = _f({}, "further optimizer hyper-parameters, e.g. {betas: [0.9, 0.95], eps: 1e-8}")
+    scheduler: Literal["constant", "linear", "cosine"] = _f("cosine", "learning-rate decay after warm-up")
+    warmup_steps: int = _f(0, "linear warm-up steps", min=0)
+    min_lr_ratio: float = _f(0.0, "final learning rate as a fraction of lr (linear/cosine)", min=0.0, max=1.0)
+    clip_grad_norm: float = _f(0.0, "clip gradients to this global L2 norm; 0 = off", min=0.0)
+    clip_grad_value: float = _f(0.0, "clip each gradient element to ±value; 0 = off", min=0.0)
+
+
+@dataclass
+class PeftConfig:
+    """Parameter-efficient fine-tuning."""
+    method: Literal["none", "lora", "prefix", "prompt", "ia3"] = _f("none", "adapter method; none = full fine-tuning")
+    r: int = _f(8, "LoRA rank", min=1)
+    alpha: float = _f(16.0, "LoRA scaling numerator (scale = alpha / r)", min=0.0)
+    dropout: float = _f(0.0, "LoRA dropout", min=0.0, max=1.0)
+    target_modules: list[str] = _f(["q_proj", "v_proj"], "names of the linears that get adapters")
+    num_virtual_tokens: int = _f(20, "prefix/prompt tuning: number of virtual tokens", min=1)
+
+
+@dataclass
+class DataConfig:
+    """Training and evaluation data."""
+    format: Literal["instruction", "pretrain"] = _f("instruction", "instruction: conversations with loss on "
+                                                                   "responses; pretrain: plain text")
+    train_files: list[str] = _f([], "training files (.jsonl/.json; .txt/.parquet for pretrain)")
+    eval_files: list[str] = _f([], "evaluation files")
+    tokenizer: Optional[str] = _f(None, "tokenizer: HF tokenizer directory or sentencepiece .model; "
+                                        "null = model.pretrained")
+    template: str = _f("alpaca", "prompt template for instruction data (alpaca, chatml) or 'tokenizer' for "
+                                 "the tokenizer's chat template")
+    seq_len: int = _f(512, "maximum tokens per sequence", min=2)
+    pack: bool = _f(False, "instruction data: pack several conversations per sequence (positions restart per "
+                           "conversation); pretrain data is always packed into seq_len blocks")
+    document_masking: bool = _f(False, "packed sequences: tokens attend only within their own document or "
+                                       "conversation, and no loss crosses a boundary")
+    text_field: str = _f("text", "pretrain: the field/column holding the text in .jsonl, .parquet and saved "
+                                 "Hugging Face datasets")
+    txt_documents: Literal["paragraph", "file"] = _f("paragraph", "pretrain .txt files: documents separated by "
+                                                                   "blank lines, or one document per file")
+    cache_dir: Optional[str] = _f(None, "pretrain: where tokenized corpora are cached and memory-mapped; null = "
+                                        "$XDG_CACHE_HOME (or ~/.cache)/collie/pretrain")
+    skip_malformed: bool = _f(False, "skip malformed records and count them (reported) instead of failing")
+    pad_to_multiple_of: Optional[int] = _f(None, "round padded batch length up to a multiple of this", min=1)
+    shuffle: bool = _f(True, "shuffle the training data each epoch")
+
+
+@dataclass
+class TrainConfig:
+    """The training loop."""
+    output_dir: str = _f("outputs/run", "where the resolved config, log, metrics.jsonl and checkpoints go")
+    max_steps: int = _f(100, "optimizer steps to run", min=1)
+    micro_batch_size: int = _f(8, "sequences per forward pass on each data-parallel rank", min=1)
+    grad_accum_steps: int = _f(1, "micro-batches accumulated into one optimizer step", min=1)
+    precision: Literal["fp32", "bf16", "fp16"] = _f("fp32", "compute precision (autocast for bf16/fp16)")
+    seed: int = _f(42, "random seed (model init, data order, dropout)")
+    device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto = cuda when available, else cpu")
+    log_every: int = _f(10, "write a log line and metrics every n steps", min=1)
+    on_nonfinite: Literal["skip", "stop"] = _f("skip", "a non-finite loss: skip the step or stop the run")
+    progress_bar: bool = _f(True, "show a progress bar on rank 0")
+
+
+@dataclass
+class EvalConfig:
+    """Evaluation during and after training."""
+    every_steps: int = _f(0, "evaluate every n steps; 0 = only at the end", min=0)
+    before_training: bool = _f(False, "also evaluate before the first step (a baseline to compare with)")
+    batch_size: int = _f(16, "sequences per evaluation batch", min=1)
+    max_batches: Optional[int] = _f(None, "cap on evaluation batches; null = whole eval set", min=1)
+    metrics: list[str] = _f(["perplexity"], "evaluators to run: perplexity, exact_match")
+    max_new_tokens: int = _f(16, "generation length for generation-based metrics", min=1)
+
+
+@dataclass
+class MonitorConfig:
+    """Where metrics go."""
+    sinks: list[str] = _f(["console", "jsonl"], "metric sinks: console, jsonl, csv, tensorboard, wandb")
+    wandb_project: str = _f("collie", "wandb project (runs offline unless WANDB_MODE says otherwise)")
+    peak_tflops: Optional[float] = _f(None, "device peak TFLOP/s for MFU; null = look up the device", min=0.0)
+
+
+@dataclass
+class CheckpointConfig:
+    """Saving and resuming."""
+    every_steps: int = _f(0, "save every n steps; 0 = only at the end", min=0)
+    keep_last: int = _f(2, "checkpoints to keep", min=1)
+    resume: Optional[str] = _f(None, "checkpoint directory to resume from, or 'auto' for the latest in output_dir")
+    save_final: bool = _f(True, "save a checkpoint when training ends")
+
+
+SECTIONS = {
+    "model": ModelConfig, "parallel": ParallelConfig, "optim": OptimConfig, "peft": PeftConfig,
+    "data": DataConfig, "train": TrainConfig, "eval": EvalConfig, "monitor": MonitorConfig,
+    "checkpoint": CheckpointConfig,
+}
+
+
+@dataclass
+class CollieConfig:
+    """A whole job. Build with ``CollieConfig.load(path, overrides)`` or ``CollieConfig.from_dict(data)``."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    monitor: MonitorConfig = field(default_factory=MonitorConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    @classmethod
+    def from_dict(cls, data: dict | None, overrides: list[str] | None = None) -> "CollieConfig":
+        data = apply_overrides(copy.deepcopy(data or {}), overrides or [])
+        cfg = from_dict(cls, data)
+        cfg.validate()
+        return cfg
+
+    @classmethod
+    def load(cls, path: str, overrides: list[str] | None = None) -> "CollieConfig":
+        return cls.from_dict(read_yaml(path), overrides)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str) -> None:
+        with open(path, "w") as f:
+            yaml.safe_dump(self.to_dict(), f, sort_keys=False)
+
+    def validate(self) -> None:
+        """Checks across sections: what each field alone cannot tell."""
+        for check in VALIDATORS:
+            check(self)
+
+
+def read_yaml(path: str) -> dict:
+    if not os.path.isfile(path):
+        raise ConfigError(f"config file '{path}' does not exist")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
+    if data is not None and not isinstance(data, dict):
+        raise ConfigError(f"config file '{path}' must hold a mapping of sections ({', '.join(SECTIONS)})")
+    return data or {}
+
+
+def apply_overrides(data: dict, overrides: list[str]) -> dict:
+    """Apply ``section.key=value`` overrides; the value is parsed as YAML (``3``, ``1e-4``, ``[a, b]``, ``null``)."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override '{item}' must look like section.key=value, e.g. train.max_steps=10")
+        parts = key.strip().split(".")
+        if parts[0] not in SECTIONS:
+            raise ConfigError(f"override '{item}': unknown section '{parts[0]}'{suggest(parts[0], SECTIONS)}; "
+                              f"sections: {', '.join(SECTIONS)}")
+        node = data
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}': '{part}' is not a section")
+        try:
+            node[parts[-1]] = yaml.safe_load(raw) if raw.strip() else None
+        except yaml.YAMLError:
+            node[parts[-1]] = raw
+    return data
+
+
+# --- checks across sections -------------------------------------------------------------------------------
+
+def _check_model_arch(cfg: CollieConfig) -> None:
+    from collie.models.args import ModelArgs
+    fields = {f.name for f in dataclasses.fields(ModelArgs)}
+    for key in cfg.model.arch:
+        if key not in fields:
+            raise ConfigError(f"unknown key 'model.arch.{key}'{suggest(key, fields)}; "
+                              f"valid keys are the ModelArgs fields: {', '.join(sorted(fields))}")
+
+
+def _check_parallel(cfg: CollieConfig) -> None:
+    p = cfg.parallel
+    if p.dp == 0:
+        raise ConfigError("parallel.dp=0 is invalid: use a positive degree or -1 to fill the world size")
+    if p.pp_boundaries is not None and len(p.pp_boundaries) != p.pp - 1:
+        raise ConfigError(f"parallel.pp_boundaries has {len(p.pp_boundaries)} entries; parallel.pp={p.pp} needs "
+                          f"{p.pp - 1} (the first layer of each stage after the first)")
+    if p.pp > 1 and cfg.train.micro_batch_size % (p.pp_microbatches or 2 * p.pp):
+        n = p.pp_microbatches or 2 * p.pp
+        raise ConfigError(f"train.micro_batch_size={cfg.train.micro_batch_size} must be a multiple of the "
+                          f"{n} pipeline micro-batches (parallel.pp_microbatches, default 2·pp)")
+    if p.sequence_parallel and p.tp == 1:
+        raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1")
+
+
+def _check_optim(cfg: CollieConfig) -> None:
+    from collie.optim import validate_optimizer_config
+    validate_optimizer_config(cfg)
+
+
+def _check_peft(cfg: CollieConfig) -> None:
+    from collie.peft import validate_peft_config
+    validate_peft_config(cfg)
+
+
+def _check_data(cfg: CollieConfig) -> None:
+    if not cfg.data.train_files:
+        raise ConfigError("data.train_files is empty: name at least one training file")
+    if cfg.data.document_masking and cfg.data.format == "instruction" and not cfg.data.pack:
+        raise ConfigError("data.document_masking=true separates packed documents; with data.format=instruction "
+                          "set data.pack=true as well")
+    if "exact_match" in cfg.eval.metrics and cfg.parallel.pp > 1:
+        raise ConfigError("eval.metrics: exact_match generates token by token, which is not available under "
+                          "parallel.pp > 1; use eval.metrics=[perplexity] or parallel.pp=1")
+    if any(m == "exact_match" for m in cfg.eval.metrics) and cfg.data.format != "instruction":
+        raise ConfigError("eval.metrics: exact_match needs data.format=instruction (it compares responses)")
+    known = {"perplexity", "exact_match"}
+    for i, m in enumerate(cfg.eval.metrics):
+        if m not in known:
+            raise ConfigError(f"eval.metrics[{i}]='{m}' is unknown{suggest(m, known)}; choose from {sorted(known)}")
+
+
+def _check_monitor(cfg: CollieConfig) -> None:
+    known = ["console", "jsonl", "csv", "tensorboard", "wandb"]
+    for i, s in enumerate(cfg.monitor.sinks):
+        if s not in known:
+            raise ConfigError(f"monitor.sinks[{i}]='{s}' is unknown{suggest(s, known)}; choose from {known}")
+
+
+VALIDATORS: list[Any] = [_check_model_arch, _check_parallel, _check_optim, _check_peft, _check_data, _check_monitor]

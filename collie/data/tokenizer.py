@@ -1,0 +1,187 @@
+"""Tokenizers behind one small protocol, and offline sentencepiece training.
+
+Every tokenizer collie uses offers ``encode(text, add_bos=False, add_eos=False)``, ``decode(ids)`` (special
+tokens skipped), ``bos_token_id``, ``eos_token_id``, ``pad_token_id``, ``vocab_size``, ``chat_template`` and
+``apply_chat_template(messages)``. ``load_tokenizer`` picks the implementation from the path.
+"""
+from __future__ import annotations
+
+import io
+import os
+import shutil
+from pathlib import Path
+
+from collie.errors import DataError
+
+EXPECTED = ("a Hugging Face tokenizer directory (tokenizer.json or tokenizer_config.json), "
+            "a sentencepiece .model file, or a directory holding tokenizer.model")
+
+
+class HFTokenizer:
+    """A ``transformers`` tokenizer seen through collie's protocol."""
+
+    def __init__(self, tokenizer, name: str = ""):
+        self.hf = tokenizer
+        self.name = name or getattr(tokenizer, "name_or_path", "tokenizer")
+
+    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        ids = self.hf.encode(text, add_special_tokens=False)
+        return _add_special(ids, self.bos_token_id if add_bos else None, self.eos_token_id if add_eos else None)
+
+    def decode(self, ids) -> str:
+        return self.hf.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return self.hf.bos_token_id
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return self.hf.eos_token_id
+
+    @property
+    def pad_token_id(self) -> int:
+        """The tokenizer's pad token, else EOS, else 0 (padding is masked out of attention and loss anyway)."""
+        return _first_id(self.hf.pad_token_id, self.eos_token_id)
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.hf)  # includes added tokens, unlike ``hf.vocab_size``
+
+    @property
+    def chat_template(self) -> str | None:
+        return getattr(self.hf, "chat_template", None)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        if not self.chat_template:
+            raise _no_chat_template(self.name)
+        return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+class SentencePieceTokenizer:
+    """A sentencepiece model (e.g. Llama-2's ``tokenizer.model``) seen through collie's protocol."""
+
+    chat_template = None
+
+    def __init__(self, path: str | os.PathLike):
+        import sentencepiece
+        self.name = str(path)
+        try:
+            self.sp = sentencepiece.SentencePieceProcessor(model_file=self.name)
+        except (OSError, RuntimeError) as e:
+            raise DataError(f"tokenizer '{path}' is not a valid sentencepiece model ({e}); expected {EXPECTED}") from e
+
+    def encode(self, text: str, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        return _add_special(self.sp.encode(text), self.bos_token_id if add_bos else None,
+                            self.eos_token_id if add_eos else None)
+
+    def decode(self, ids) -> str:
+        return self.sp.decode([int(i) for i in ids])  # control tokens (bos/eos/pad) decode to nothing
+
+    @property
+    def bos_token_id(self) -> int | None:
+        return _id_or_none(self.sp.bos_id())
+
+    @property
+    def eos_token_id(self) -> int | None:
+        return _id_or_none(self.sp.eos_id())
+
+    @property
+    def pad_token_id(self) -> int:
+        """The model's pad piece, else EOS, else 0 (padding is masked out of attention and loss anyway)."""
+        return _first_id(_id_or_none(self.sp.pad_id()), self.eos_token_id)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        raise _no_chat_template(self.name)
+
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """Copy the model file to ``directory/tokenizer.model`` (where ``load_tokenizer`` looks)."""
+        os.makedirs(directory, exist_ok=True)
+        shutil.copyfile(self.name, os.path.join(directory, "tokenizer.model"))
+
+
+def load_tokenizer(path: str | os.PathLike) -> HFTokenizer | SentencePieceTokenizer:
+    """The tokenizer at ``path``: an HF tokenizer directory, a sentencepiece ``.model`` file, or a directory
+    holding only ``tokenizer.model``. Never downloads: a hub name that is not a local path is an error."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError(f"tokenizer '{path}' does not exist; expected {EXPECTED}")
+    if path.is_file():
+        if path.suffix != ".model":
+            raise DataError(f"tokenizer '{path}' is a file but not a sentencepiece .model; expected {EXPECTED}")
+        return SentencePieceTokenizer(path)
+    if (path / "tokenizer.json").exists() or (path / "tokenizer_config.json").exists():
+        return _load_hf(path)
+    if (path / "tokenizer.model").exists():
+        return SentencePieceTokenizer(path / "tokenizer.model")
+    raise DataError(f"tokenizer directory '{path}' holds no tokenizer files; expected {EXPECTED}")
+
+
+def _load_hf(path: Path) -> HFTokenizer:
+    from transformers import AutoTokenizer
+    try:
+        return HFTokenizer(AutoTokenizer.from_pretrained(str(path), local_files_only=True), name=str(path))
+    except (OSError, ValueError, KeyError) as e:
+        raise DataError(f"could not load the Hugging Face tokenizer in '{path}': {e}") from e
+
+
+def train_sentencepiece(source, model_prefix: str | os.PathLike, vocab_size: int, **options) -> Path:
+    """Train a sentencepiece model offline and write ``{model_prefix}.model``; returns its path.
+
+    ``source`` is a file path (str or PathLike), a list of ``pathlib.Path`` files, or any other iterable of
+    text strings (one training "sentence" each). Defaults, overridable through ``options`` (any
+    ``SentencePieceTrainer`` flag): Llama-style BPE with ``split_digits`` and ``byte_fallback`` (no unknown
+    characters), ``character_coverage=1.0``, identity normalization that keeps newlines and repeated spaces,
+    and ids unk=0, bos=1, eos=2, pad=3 (a real pad piece, so padding never aliases EOS). Training is
+    single-threaded over the whole input in order, hence deterministic.
+    """
+    import sentencepiece
+    settings = dict(model_type="bpe", vocab_size=vocab_size, character_coverage=1.0, split_digits=True,
+                    byte_fallback=True, normalization_rule_name="identity", remove_extra_whitespaces=False,
+                    unk_id=0, bos_id=1, eos_id=2, pad_id=3, num_threads=1, shuffle_input_sentence=False,
+                    input_sentence_size=0, hard_vocab_limit=True, minloglevel=2)
+    settings.update(options)
+    files = _as_files(source)
+    if files is not None:
+        settings["input"] = ",".join(files)
+    else:
+        settings["sentence_iterator"] = iter(source)
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(model_writer=model, **settings)
+    out = Path(f"{model_prefix}.model")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(model.getvalue())
+    return out
+
+
+def _as_files(source) -> list[str] | None:
+    """File paths named by ``source``, or None when it is an iterable of texts."""
+    if isinstance(source, (str, os.PathLike)):
+        source = [source]
+    elif not (isinstance(source, (list, tuple)) and source and all(isinstance(s, os.PathLike) for s in source)):
+        return None
+    missing = [str(f) for f in source if not Path(f).is_file()]
+    if missing:
+        raise FileNotFoundError(f"sentencepiece training files not found: {', '.join(missing)}")
+    return [str(f) for f in source]
+
+
+def _add_special(ids: list[int], bos: int | None, eos: int | None) -> list[int]:
+    return ([bos] if bos is not None else []) + list(ids) + ([eos] if eos is not None else [])
+
+
+def _id_or_none(token_id: int) -> int | None:
+    return token_id if token_id >= 0 else None  # sentencepiece reports a disabled piece as -1
+
+
+def _first_id(*ids: int | None) -> int:
+    return next((i for i in ids if i is not None), 0)
+
+
+def _no_chat_template(name: str) -> DataError:
+    return DataError(f"tokenizer '{name}' has no chat template; set data.template: alpaca (or chatml) to use "
+                     f"a built-in template")

@@ -1,0 +1,202 @@
+"""The process layout of a job: torchrun environment → process group → a ("pp", "dp", "tp") DeviceMesh.
+
+    ctx = init_parallel(cfg.parallel, "cuda")   # or "cpu" (gloo)
+    ctx.validate_model(model_args)              # ConfigError before anything is built
+    ...
+    ctx.destroy()
+
+``tp`` is the innermost mesh dimension (neighbouring ranks, the fastest links), ``pp`` the outermost. A single
+process started without torchrun gets a world of one: no process group, no mesh, every degree 1.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from collie.errors import ConfigError
+
+MESH_DIMS = ("pp", "dp", "tp")
+
+
+@dataclass
+class ParallelContext:
+    """Degrees, this rank's coordinates and the mesh; the one source of truth for process groups."""
+    cfg: object  # collie.config.ParallelConfig
+    rank: int
+    world_size: int
+    local_rank: int
+    dp: int
+    tp: int
+    pp: int
+    device: torch.device
+    mesh: DeviceMesh | None  # None in a one-process run
+    owns_process_group: bool = False
+
+    # --- coordinates ---------------------------------------------------------------------------------------
+    def _local_rank(self, dim: str) -> int:
+        return 0 if self.mesh is None else self.mesh[dim].get_local_rank()
+
+    @property
+    def dp_rank(self) -> int:
+        return self._local_rank("dp")
+
+    @property
+    def tp_rank(self) -> int:
+        return self._local_rank("tp")
+
+    @property
+    def pp_rank(self) -> int:
+        return self._local_rank("pp")
+
+    @property
+    def dp_size(self) -> int:
+        return self.dp
+
+    @property
+    def is_first_stage(self) -> bool:
+        return self.pp_rank == 0
+
+    @property
+    def is_last_stage(self) -> bool:
+        return self.pp_rank == self.pp - 1
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.rank == 0
+
+    # --- sub-meshes and groups (None when the world is one process) ----------------------------------------
+    @property
+    def dp_mesh(self) -> DeviceMesh | None:
+        return None if self.mesh is None else self.mesh["dp"]
+
+    @property
+    def tp_mesh(self) -> DeviceMesh | None:
+        return None if self.mesh is None else self.mesh["tp"]
+
+    @property
+    def pp_mesh(self) -> DeviceMesh | None:
+        return None if self.mesh is None else self.mesh["pp"]
+
+    @property
+    def dp_group(self):
+        return None if self.mesh is None else self.mesh["dp"].get_group()
+
+    @property
+    def pp_group(self):
+        return None if self.mesh is None else self.mesh["pp"].get_group()
+
+    @property
+    def loss_scale_for_dp(self) -> float:
+        """Factor to multiply each rank's loss by before backward: 1.0, because every data-parallel mechanism
+        collie sets up SUMS gradients over dp (FSDP2/replicate with divide factor 1, sum-only collectives).
+        Divide each rank's summed token loss by the GLOBAL token count of the step (``dp_sum`` of the counts)
+        and the gradient is exactly the one-process gradient of the concatenated batch."""
+        return 1.0
+
+    def dp_sum(self, value: torch.Tensor) -> torch.Tensor:
+        """Sum of ``value`` over the data-parallel group (a new tensor; the input is left as is)."""
+        value = value.detach().clone()
+        if self.dp > 1:
+            dist.all_reduce(value, group=self.dp_group)
+        return value
+
+    # --- checks --------------------------------------------------------------------------------------------
+    def validate_model(self, args) -> None:
+        """ConfigError when the model's shape cannot be split over this layout (before anything is built)."""
+        validate_model_for_layout(args, self.cfg, self.tp, self.pp)
+
+    def destroy(self) -> None:
+        if self.owns_process_group and dist.is_initialized():
+            dist.destroy_process_group()
+        self.mesh = None
+
+
+def init_parallel(parallel_cfg, device_type: str = "cpu") -> ParallelContext:
+    """Read RANK/WORLD_SIZE/LOCAL_RANK (torchrun), start the process group (gloo on CPU, nccl on CUDA) with the
+    configured timeout, resolve ``dp=-1`` and build the mesh. Reuses a process group that is already up."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    dp, tp, pp = resolve_degrees(parallel_cfg, world)
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device(device_type)
+    if world == 1:
+        return ParallelContext(parallel_cfg, 0, 1, 0, 1, 1, 1, device, mesh=None)
+    owns = not dist.is_initialized()
+    if owns:
+        backend = "nccl" if device_type == "cuda" else "gloo"
+        dist.init_process_group(backend, rank=rank, world_size=world,
+                                timeout=datetime.timedelta(seconds=parallel_cfg.timeout_s))
+    mesh = init_device_mesh(device.type, (pp, dp, tp), mesh_dim_names=MESH_DIMS)
+    return ParallelContext(parallel_cfg, rank, world, local_rank, dp, tp, pp, device, mesh, owns)
+
+
+def resolve_degrees(parallel_cfg, world: int) -> tuple[int, int, int]:
+    """(dp, tp, pp) with ``dp=-1`` filled in; ConfigError when they do not multiply to the world size."""
+    tp, pp, dp = parallel_cfg.tp, parallel_cfg.pp, parallel_cfg.dp
+    if dp == -1:
+        if world % (tp * pp):
+            raise ConfigError(f"world size {world} is not divisible by tp {tp} × pp {pp} = {tp * pp}; launch "
+                              f"with --nproc_per_node a multiple of {tp * pp} or change parallel.tp/parallel.pp")
+        dp = world // (tp * pp)
+    if dp * tp * pp != world:
+        hint = f"set parallel.dp={world // (tp * pp)} or " if world % (tp * pp) == 0 else ""
+        raise ConfigError(f"world size {world} ≠ dp {dp} × tp {tp} × pp {pp} = {dp * tp * pp}; {hint}launch with "
+                          f"--nproc_per_node {dp * tp * pp}")
+    if parallel_cfg.engine != "native":
+        raise ConfigError(f"parallel.engine={parallel_cfg.engine!r} is not available yet; use parallel.engine=native")
+    return dp, tp, pp
+
+
+def _divisors(n: int) -> str:
+    values = [str(d) for d in range(1, n + 1) if n % d == 0]
+    return values[0] if len(values) == 1 else ", ".join(values[:-1]) + " or " + values[-1]
+
+
+def virtual_stages(parallel_cfg) -> int:
+    """Pipeline stages in total: pp, or 2·pp for the interleaved schedule (two stages per rank)."""
+    return parallel_cfg.pp * (2 if parallel_cfg.pp_schedule == "interleaved_1f1b" and parallel_cfg.pp > 1 else 1)
+
+
+def validate_model_for_layout(args, parallel_cfg, tp: int | None = None, pp: int | None = None) -> None:
+    """The shape rules of each dimension, checked without starting any process."""
+    tp = parallel_cfg.tp if tp is None else tp
+    pp = parallel_cfg.pp if pp is None else pp
+    if tp > args.n_kv_heads:
+        raise ConfigError(f"parallel.tp={tp} exceeds num_key_value_heads={args.n_kv_heads}: key/value heads are "
+                          f"sharded, not replicated; choose {_divisors(args.n_kv_heads)}")
+    for name, value in (("num_attention_heads", args.num_attention_heads), ("num_key_value_heads", args.n_kv_heads),
+                        ("vocab_size", args.vocab_size), ("intermediate_size", args.intermediate_size)):
+        if value % tp:
+            raise ConfigError(f"parallel.tp={tp} does not divide {name}={value}; choose {_divisors(value)}")
+    if pp == 1:
+        return
+    stages = virtual_stages(parallel_cfg)
+    layers = args.num_hidden_layers
+    if layers < stages:
+        what = f"parallel.pp={pp}" + (" with interleaved_1f1b (2 stages per rank)" if stages > pp else "")
+        raise ConfigError(f"{what} needs at least {stages} decoder layers; the model has num_hidden_layers="
+                          f"{layers}; choose parallel.pp ≤ {layers // (stages // pp)}")
+    if args.tie_word_embeddings:
+        raise ConfigError("tie_word_embeddings=true cannot be split over pipeline stages (embed_tokens is on the "
+                          "first stage, lm_head on the last); use parallel.pp=1 or untie the embeddings")
+    boundaries = parallel_cfg.pp_boundaries
+    if boundaries is not None:
+        if stages != pp:
+            raise ConfigError("parallel.pp_boundaries cannot be used with pp_schedule=interleaved_1f1b (2 stages "
+                              "per rank); use parallel.pp_split=uniform or balanced")
+        if len(boundaries) != stages - 1:
+            raise ConfigError(f"parallel.pp_boundaries has {len(boundaries)} entries; {stages} stages need "
+                              f"{stages - 1} (the first layer index of each stage after the first)")
+        edges = [0, *boundaries, layers]
+        if any(b <= a for a, b in zip(edges, edges[1:])):
+            raise ConfigError(f"parallel.pp_boundaries={boundaries} must be strictly increasing values in "
+                              f"1..{layers - 1} so that every stage gets at least one layer")

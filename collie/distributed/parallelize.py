@@ -1,0 +1,182 @@
+"""The one place where a plain model becomes a distributed one, in order:
+
+    pipeline stages → tensor parallel → activation checkpointing → data parallel / ZeRO → weights
+
+    ctx = init_parallel(cfg.parallel, device.type)
+    model = build_model(args, device="meta")                     # no memory
+    pm = parallelize(model, args, cfg.parallel, ctx, device, init_fn=lambda: full_cpu_state_dict)
+    optimizer = build_optimizer(cfg, pm.parameters()); pm.prepare_optimizer(optimizer)
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, set_model_state_dict
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
+
+from collie.distributed.activation_checkpointing import apply_activation_checkpointing
+from collie.distributed.data_parallel import apply_data_parallel, set_gradient_sync, shard_optimizer_state
+from collie.distributed.pipeline import PipelineRunner, build_stage_models
+from collie.distributed.tensor_parallel import apply_tensor_parallel, vocab_parallel_loss_sum
+from collie.errors import CheckpointError, ConfigError
+
+
+@dataclass
+class ParallelModel:
+    """The model parts this rank holds (one, or two with the interleaved schedule) and how to run them."""
+    parts: list
+    stage_ids: list[int]
+    ctx: object
+    runner: PipelineRunner | None = None
+    optimizer_owners: list = field(default_factory=list)
+
+    def __call__(self, input_ids, position_ids=None, attention_mask=None):
+        """Forward without pipeline parallelism (pp=1); with pp use ``runner.step`` / ``runner.eval_forward``."""
+        if self.runner is not None:
+            raise RuntimeError("with parallel.pp > 1 the model runs through ParallelModel.runner "
+                               "(step / eval_forward), not by calling it")
+        return self.parts[0](input_ids, position_ids=position_ids, attention_mask=attention_mask)
+
+    def parameters(self):
+        """Each parameter of this rank's parts once (DTensors under TP/ZeRO)."""
+        return list(dict.fromkeys(p for part in self.parts for p in part.parameters()))
+
+    def named_parameters(self):
+        seen = {}
+        for part in self.parts:
+            for name, p in part.named_parameters():
+                seen.setdefault(name, p)
+        return list(seen.items())
+
+    def train(self, mode: bool = True):
+        for part in self.parts:
+            part.train(mode)
+            if mode:  # ZeRO-2 keeps gathered parameters after a forward without backward (evaluation): free them
+                for module in part.modules():
+                    if isinstance(module, FSDPModule):
+                        module.reshard()
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def set_gradient_sync(self, enabled: bool) -> None:
+        """Gradient accumulation without pp: False before every micro-batch's backward but the last."""
+        set_gradient_sync(self.parts, enabled)
+
+    def prepare_optimizer(self, optimizer) -> None:
+        """Call once after building the optimizer on ``parameters()``: shards its state for ZeRO-1."""
+        if self.ctx.cfg.zero_stage == 1 and self.ctx.dp > 1:
+            self.optimizer_owners = shard_optimizer_state(optimizer, self.parameters(), self.ctx.dp_group)
+
+
+def parallelize(model, args, parallel_cfg, ctx, device, init_fn: Callable[[], dict] | None = None,
+                activation_checkpointing: str = "none", checkpoint_every: int = 2,
+                loss_sum_fn: Callable = vocab_parallel_loss_sum) -> ParallelModel:
+    """Turn ``model`` (built on the meta device, in its final dtype) into this rank's parts, materialized on
+    ``device``. ``init_fn()`` returns the full CPU state dict to start from; it is called on global rank 0
+    only and broadcast. Without it the parts hold uninitialized memory: load weights with
+    ``load_full_state_dict`` (e.g. shard by shard from a Hugging Face checkpoint)."""
+    ctx.validate_model(args)
+    if ctx.pp > 1:
+        parts, stage_ids = build_stage_models(model, parallel_cfg, ctx.pp_rank)
+    else:
+        parts, stage_ids = [model], [0]
+    for part in parts:
+        if ctx.tp > 1:
+            apply_tensor_parallel(part, ctx.tp_mesh, parallel_cfg.sequence_parallel, _plan_adapter(part))
+        apply_activation_checkpointing(part, activation_checkpointing, checkpoint_every)
+        if ctx.dp > 1:
+            apply_data_parallel(part, ctx.dp_mesh, parallel_cfg.zero_stage, parallel_cfg.cpu_offload)
+        elif parallel_cfg.cpu_offload:
+            raise ConfigError("parallel.cpu_offload=true shards over the data-parallel group and needs dp > 1")
+    for part in parts:
+        part.to_empty(device=device)
+    parallel_model = ParallelModel(parts, stage_ids, ctx)
+    if init_fn is not None:
+        load_full_state_dict(parallel_model, init_fn() if ctx.rank == 0 else {}, broadcast_from_rank0=True)
+    if ctx.pp > 1:
+        parallel_model.runner = PipelineRunner(parts, stage_ids, ctx, loss_sum_fn)
+    return parallel_model
+
+
+def _plan_adapter(model):
+    """How the tensor-parallel plan must change for what was added to the model (LoRA factors)."""
+    if getattr(model, "lora_spec", None) is not None:
+        from collie.peft.lora import lora_tensor_parallel_plan
+        return lora_tensor_parallel_plan
+    return None
+
+
+def default_init_fn(model_class, args, seed: int, dtype=torch.float32) -> Callable[[], dict]:
+    """``init_fn`` that builds the whole model on CPU with ``init_weights(seed)``: the one-process values."""
+    def init() -> dict:
+        with torch.device("meta"):
+            full = model_class(args)
+        full.to_empty(device="cpu")
+        full.init_weights(seed)
+        return full.to(dtype).state_dict()
+    return init
+
+
+def load_full_state_dict(parallel_model: ParallelModel, state_dict: dict, broadcast_from_rank0: bool = False):
+    """Copy full (unsharded) tensors into this rank's shards.
+
+    ``broadcast_from_rank0``: only global rank 0 passes tensors (the others pass {}), every rank calls, and
+    every tensor of every part must be present. Otherwise each rank passes the same, possibly partial, dict
+    (e.g. one safetensors shard at a time); keys a part does not hold are ignored."""
+    ctx = parallel_model.ctx
+    broadcast = broadcast_from_rank0 and ctx.world_size > 1
+    if broadcast_from_rank0:
+        _check_complete(parallel_model, _keys_from_rank0(state_dict, broadcast))
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=broadcast, strict=False)
+    for part in parallel_model.parts:
+        if ctx.world_size == 1:
+            own = part.state_dict().keys()
+            part.load_state_dict({k: v for k, v in state_dict.items() if k in own}, strict=False)
+        else:
+            set_model_state_dict(part, dict(state_dict), options=options)
+
+
+def _keys_from_rank0(state_dict: dict, broadcast: bool) -> set:
+    keys = [sorted(state_dict)]
+    if broadcast:
+        dist.broadcast_object_list(keys, src=0)
+    return set(keys[0])
+
+
+def _check_complete(parallel_model: ParallelModel, keys: set) -> None:
+    missing = [k for part in parallel_model.parts for k in part.state_dict() if k not in keys]
+    if missing:
+        raise CheckpointError(f"the initial state dict lacks {len(missing)} tensors this rank holds, e.g. "
+                              f"{missing[:3]}; it must hold every parameter of the model")
+
+
+def gather_full_state_dict(parallel_model: ParallelModel) -> dict:
+    """The full model's state dict (CPU tensors, Hugging Face names) on global rank 0; {} elsewhere. A
+    collective: every rank calls. Tensors are gathered one at a time, so no rank holds more than its shards
+    plus one full tensor (rank 0 accumulates the result)."""
+    ctx = parallel_model.ctx
+    mine = {}
+    for part in parallel_model.parts:
+        for name, value in get_model_state_dict(part).items():
+            value = value.full_tensor() if isinstance(value, DTensor) else value
+            if ctx.dp_rank == 0 and ctx.tp_rank == 0:
+                mine[name] = value.detach().cpu()
+    if ctx.pp == 1:
+        return mine if ctx.rank == 0 else {}
+    # One rank per stage (dp 0, tp 0) sends its stage's tensors to global rank 0 over the pp group.
+    if ctx.dp_rank != 0 or ctx.tp_rank != 0:
+        return {}
+    gathered = [None] * ctx.pp if ctx.pp_rank == 0 else None
+    dist.gather_object(mine, gathered, group=ctx.pp_group, group_dst=0)
+    if ctx.pp_rank != 0:
+        return {}
+    full = {}
+    for stage_dict in gathered:
+        full.update(stage_dict)
+    return full

@@ -1,0 +1,195 @@
+"""Tensor (and sequence) parallelism applied from outside with DTensor ``parallelize_module`` plans.
+
+Per decoder layer: q/k/v/gate/up are column-parallel (heads and the MLP width are split), o/down are
+row-parallel (their outputs are all-reduced, or reduce-scattered along the sequence with sequence parallel).
+The embedding is vocab-parallel (rows split, output all-reduced); ``lm_head`` is column-parallel and keeps its
+output sharded on the vocab dimension, so full-vocabulary logits are never gathered:
+``vocab_parallel_loss_sum`` computes the cross-entropy from the shards. Rotary buffers and position ids stay
+replicated; attention reads its local head count from tensor shapes, so the model needs no TP code.
+"""
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.distributed as dist
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+from torch.distributed.tensor.parallel import (ColwiseParallel, ParallelStyle, PrepareModuleInput,
+                                               RowwiseParallel, SequenceParallel, parallelize_module)
+
+from collie.trainer.loss import IGNORE_INDEX, causal_lm_loss_sum, shift_labels
+
+
+def apply_tensor_parallel(model, tp_mesh, sequence_parallel: bool = False, adapt_plan=None) -> None:
+    """Shard ``model`` (a whole model or a pipeline stage of it, on any device incl. meta) over ``tp_mesh``.
+
+    ``adapt_plan(plan) -> plan`` rewrites each plan before it is applied (LoRA wraps the linears' styles so
+    its factors follow the base weights: ``collie.peft.lora_tensor_parallel_plan``)."""
+    adapt_plan = adapt_plan or (lambda plan: plan)
+    frozen = {name for name, param in model.named_parameters() if not param.requires_grad}
+    layer_plan = adapt_plan(_decoder_layer_plan(sequence_parallel))
+    for layer in model.model.layers.values():
+        parallelize_module(layer, tp_mesh, layer_plan)
+    parallelize_module(model, tp_mesh, adapt_plan(_outer_plan(model, sequence_parallel)))
+    for name, param in model.named_parameters():
+        if name in frozen:  # SequenceParallel re-creates parameters trainable (torch 2.13): keep them frozen
+            param.requires_grad_(False)
+    model.register_forward_pre_hook(_align_gradient_placements)
+    if getattr(model.args, "tie_word_embeddings", False) and model.lm_head is not None \
+            and model.model.embed_tokens is not None:
+        # Both plans shard the shared [vocab, hidden] weight on dim 0; they made two parameters of it: re-tie.
+        model.lm_head.weight = model.model.embed_tokens.weight
+    if sequence_parallel and model.model.embed_tokens is not None:
+        model.register_forward_pre_hook(_fill_position_ids, with_kwargs=True)
+
+
+def _decoder_layer_plan(sequence_parallel: bool) -> dict:
+    residual = Shard(1) if sequence_parallel else Replicate()
+    plan = {
+        "self_attn.q_proj": ColwiseParallel(),
+        "self_attn.k_proj": ColwiseParallel(),
+        "self_attn.v_proj": ColwiseParallel(),
+        "self_attn.o_proj": RowwiseParallel(output_layouts=residual),
+        "mlp.gate_proj": ColwiseParallel(),
+        "mlp.up_proj": ColwiseParallel(),
+        "mlp.down_proj": RowwiseParallel(output_layouts=residual),
+    }
+    if not sequence_parallel:
+        plan.update({"input_layernorm": ReplicateParallel(), "post_attention_layernorm": ReplicateParallel()})
+    else:
+        # Norms run on sequence shards; attention and MLP all-gather their input along the sequence.
+        # DecoderLayer calls self_attn(x, cos, sin, mask) and mlp(x): only x is sharded.
+        plan.update({
+            "input_layernorm": SequenceParallel(),
+            "post_attention_layernorm": SequenceParallel(),
+            "self_attn": PrepareModuleInput(input_layouts=(Shard(1), None, None, None),
+                                            desired_input_layouts=(Replicate(), None, None, None),
+                                            use_local_output=True),
+            "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
+                                      use_local_output=True),
+        })
+    return plan
+
+
+def _outer_plan(model, sequence_parallel: bool) -> dict:
+    """Embedding, final norm and head, for the ones this (stage) model has."""
+    residual = Shard(1) if sequence_parallel else Replicate()
+    plan = {}
+    if model.model.embed_tokens is not None:
+        plan["model.embed_tokens"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=residual)
+    if model.model.norm is not None:
+        plan["model.norm"] = SequenceParallel() if sequence_parallel else ReplicateParallel()
+    if model.lm_head is not None:
+        plan["lm_head"] = ColwiseParallel(input_layouts=residual, output_layouts=Shard(-1), use_local_output=False)
+    return plan
+
+
+def _align_gradient_placements(module, args) -> None:
+    """Give every DTensor parameter a gradient with the parameter's own placements.
+
+    DTensor's embedding backward yields a replicated full-vocabulary gradient (sliced back to the rank's vocab
+    shard, no communication) and sequence-parallel norms yield Partial gradients (all-reduced once here instead
+    of inside every optimizer op). Registered at forward time because ``to_empty`` replaces parameters; under
+    FSDP the hooks sit on sharded parameters that autograd never reaches, and FSDP does the same itself."""
+    for param in module.parameters():
+        if isinstance(param, DTensor) and param.requires_grad and not getattr(param, "_collie_grad_hook", False):
+            param.register_hook(partial(_to_placements, param.placements))
+            param._collie_grad_hook = True
+
+
+def _to_placements(placements, grad):
+    if isinstance(grad, DTensor) and grad.placements != placements:
+        return grad.redistribute(grad.device_mesh, placements)
+    return grad
+
+
+class ReplicateParallel(ParallelStyle):
+    """Parameters replicated as DTensors over tp, inputs and outputs plain tensors: every parameter is then a
+    DTensor on the tp mesh, which foreach optimizers and the gradient norm need (no Tensor/DTensor mixing)."""
+
+    def _apply(self, module, device_mesh):
+        return distribute_module(module, device_mesh, input_fn=self._inputs_to_dtensor,
+                                 output_fn=self._output_to_local)
+
+    @staticmethod
+    def _inputs_to_dtensor(module, inputs, device_mesh):
+        return tuple(DTensor.from_local(x, device_mesh, (Replicate(),), run_check=False)
+                     if torch.is_tensor(x) and not isinstance(x, DTensor) else x for x in inputs)
+
+    @staticmethod
+    def _output_to_local(module, output, device_mesh):
+        return output.to_local() if isinstance(output, DTensor) else output
+
+
+def _fill_position_ids(module, args, kwargs):
+    """With sequence parallel the model sees only a sequence shard after the embedding, so it cannot derive
+    positions from its input's length: pass the full-length default explicitly."""
+    input_ids = args[0] if args else kwargs["input_ids"]
+    if len(args) > 1:
+        if args[1] is None:
+            args = (args[0], _default_positions(input_ids), *args[2:])
+    elif kwargs.get("position_ids") is None:
+        kwargs["position_ids"] = _default_positions(input_ids)
+    return args, kwargs
+
+
+def _default_positions(input_ids: torch.Tensor) -> torch.Tensor:
+    return torch.arange(input_ids.shape[1], device=input_ids.device)[None]
+
+
+# --- vocab-parallel cross-entropy --------------------------------------------------------------------------
+
+def vocab_parallel_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """``causal_lm_loss_sum`` for logits sharded on the vocab dimension (a DTensor from ``lm_head`` under TP);
+    plain tensors go to ``causal_lm_loss_sum`` itself, so callers can use this one in every layout.
+
+    Returns a plain scalar, equal on every tp rank; its backward needs no context manager. Communication: three
+    all-reduces of (tokens,)-sized tensors over the tp group; the (tokens, vocab) logits are never gathered."""
+    if not isinstance(logits, DTensor):
+        return causal_lm_loss_sum(logits, labels)
+    if logits.device_mesh.ndim != 1 or logits.placements[0] != Shard(logits.ndim - 1):
+        return causal_lm_loss_sum(logits.full_tensor(), labels)
+    local = logits.to_local()
+    _, offset = compute_local_shape_and_global_offset(logits.shape, logits.device_mesh, logits.placements)
+    targets = shift_labels(labels).flatten()
+    return _VocabParallelCrossEntropySum.apply(local.flatten(0, -2), targets, offset[-1],
+                                               logits.device_mesh.get_group())
+
+
+class _VocabParallelCrossEntropySum(torch.autograd.Function):
+    """Sum of token cross-entropies from vocab shards (Megatron's vocab-parallel cross-entropy), in fp32."""
+
+    @staticmethod
+    def forward(ctx, local_logits, targets, vocab_start, group):
+        logits = local_logits.float()
+        local_vocab = logits.shape[-1]
+        row_max = logits.max(dim=-1, keepdim=True).values
+        dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=group)
+        logits = logits - row_max
+        exp = logits.exp()
+        sum_exp = exp.sum(dim=-1, keepdim=True)
+        dist.all_reduce(sum_exp, group=group)
+        valid = targets != IGNORE_INDEX
+        local_targets = targets - vocab_start
+        here = valid & (local_targets >= 0) & (local_targets < local_vocab)
+        index = torch.where(here, local_targets, 0)[:, None]
+        target_logit = logits.gather(1, index).squeeze(1) * here
+        dist.all_reduce(target_logit, group=group)
+        loss = ((sum_exp.squeeze(1).log() - target_logit) * valid).sum()
+        exp.div_(sum_exp)  # softmax, kept for backward
+        ctx.save_for_backward(exp, index, here, valid)
+        ctx.input_dtype = local_logits.dtype
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        softmax, index, here, valid = ctx.saved_tensors
+        grad = softmax * valid[:, None]
+        grad.scatter_add_(1, index, -here[:, None].to(grad.dtype))
+        return (grad * grad_output).to(ctx.input_dtype), None, None, None
+
+
+def full_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Gathered (batch, seq, vocab) logits for generation/evaluation code that needs the whole vocabulary."""
+    return logits.full_tensor() if isinstance(logits, DTensor) else logits

@@ -1,0 +1,160 @@
+"""Bytes that autograd saves for backward, per token, counted tensor by tensor for collie's decoder.
+
+Source: the forward code in ``collie/models/components.py`` and the derivative formulas of the ops it calls
+(an op saves an input only when another input needs a gradient). Checked on CPU against
+``torch.autograd.graph.saved_tensors_hooks`` to the byte (tests/test_estimate.py). Notation: h hidden, i
+intermediate, n_q/n_kv heads, d head_dim, t tensor-parallel degree, R the residual-stream dtype (the params'
+dtype: the embedding output), C the compute dtype (autocast's, or the params'), all sizes in bytes.
+
+Per norm (RMSNorm in fp32): the fp32 input 4h (saved by ``pow``), rsqrt 4, the normalised input R·h (saved by
+``weight *`` when the weight trains), and the output for the linears that read it: one shared R·h tensor, or
+one C·h autocast copy per linear that saves its input (a linear saves its input only when its weight trains
+or it carries a LoRA adapter).
+Attention (SDPA, flash/efficient kernels): q, k, v (k and v at n_q heads when collie repeats them for GQA),
+the output (the o_proj input is a view of it) C·d each, logsumexp 4 per head.
+SwiGLU: gate output (silu), silu output and up output (the product), and the product (down_proj) C·i each.
+With sequence parallel the norm tensors are split over t along the sequence; the all-gathered norm output
+the linears read is not.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from collie.estimate.setup import DTYPE_BYTES, Setup
+from collie.models.args import ModelArgs
+
+FP32 = 4
+INDEX = 8  # int64 token ids kept by the embedding
+
+
+@dataclass(frozen=True)
+class Widths:
+    """Per-rank widths of one decoder layer under tensor parallelism."""
+    hidden: int
+    q: int  # n_q·d / t
+    kv_saved: int  # width of k and v as SDPA saves them
+    heads: int  # n_q / t
+    inner: int  # i / t
+    vocab: int  # V / t
+
+    @classmethod
+    def of(cls, args: ModelArgs, setup: Setup) -> "Widths":
+        t, d = setup.tp, args.head_dim_
+        kv_heads = args.num_attention_heads if setup.expand_kv_heads else args.n_kv_heads
+        return cls(args.hidden_size, args.num_attention_heads * d // t, kv_heads * d // t,
+                   args.num_attention_heads // t, args.intermediate_size // t, args.vocab_size // t)
+
+
+def _trains(setup: Setup, linear: str) -> bool:
+    """Whether ``linear`` saves its input: its weight trains (full fine-tuning) or it has a LoRA adapter."""
+    return setup.peft == "none" or linear in setup.lora_targets
+
+
+def norm_bytes(args: ModelArgs, setup: Setup, readers: tuple[str, ...], norm_trains: bool) -> dict[str, float]:
+    """Saved bytes per token of one RMSNorm and of its output as the ``readers`` (linears) keep it."""
+    h, t = args.hidden_size, setup.tp
+    residual, compute = DTYPE_BYTES[setup.param_dtype], DTYPE_BYTES[setup.compute_dtype]
+    seq_share = 1 / t if setup.sequence_parallel else 1.0
+    out = {"norm_fp32_input": FP32 * h * seq_share, "norm_rsqrt": FP32 * seq_share}
+    if norm_trains:
+        out["norm_normalized"] = residual * h * seq_share
+    savers = sum(_trains(setup, r) for r in readers)
+    if savers:
+        out["norm_output"] = compute * h * savers if setup.autocast else residual * h
+    return out
+
+
+def layer_bytes(args: ModelArgs, setup: Setup) -> dict[str, float]:
+    """Saved bytes per token of one decoder layer that is not checkpointed (per rank)."""
+    w, compute = Widths.of(args, setup), DTYPE_BYTES[setup.compute_dtype]
+    norms_train = setup.peft == "none"
+    out: dict[str, float] = {}
+    for prefix, readers in (("attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj"))):
+        for key, value in norm_bytes(args, setup, readers, norms_train).items():
+            out[f"{prefix}_{key}"] = value
+    out.update(attn_q=compute * w.q, attn_k=compute * w.kv_saved, attn_v=compute * w.kv_saved,
+               attn_out=compute * w.q, attn_logsumexp=FP32 * w.heads,
+               mlp_gate=compute * w.inner, mlp_silu=compute * w.inner, mlp_up=compute * w.inner)
+    if _trains(setup, "down_proj"):
+        out["mlp_product"] = compute * w.inner
+    if setup.peft == "lora":
+        out["lora_hidden"] = compute * setup.lora_r * len(setup.lora_targets)
+    return out
+
+
+def checkpointed_layer_bytes(args: ModelArgs, setup: Setup) -> float:
+    """A checkpointed layer keeps only its input: the residual stream (split along the sequence under SP)."""
+    share = 1 / setup.tp if setup.sequence_parallel else 1.0
+    return DTYPE_BYTES[setup.param_dtype] * args.hidden_size * share
+
+
+def mlp_backward_bytes(args: ModelArgs, setup: Setup) -> float:
+    """Per token, the SwiGLU backward's peak beyond the saved activations: the gradients of the product, of
+    silu's output and of up exist while the saved product is already freed: net two intermediate-width
+    tensors. Read from a CPU allocation trace of collie's layer (tests/test_estimate.py checks the total)."""
+    return 2 * DTYPE_BYTES[setup.compute_dtype] * Widths.of(args, setup).inner
+
+
+def norm_backward_bytes(args: ModelArgs, setup: Setup) -> float:
+    """Per token, an RMSNorm backward's fp32 temporaries (its derivative chain pow → mean → rsqrt → mul runs
+    in fp32 whatever the model dtype; up to four hidden-width fp32 tensors at once in the trace)."""
+    share = 1 / setup.tp if setup.sequence_parallel else 1.0
+    return 4 * FP32 * args.hidden_size * share
+
+
+def residual_grad_bytes(args: ModelArgs, setup: Setup) -> float:
+    """Per token, the residual stream's gradient and the branch's, alive through a layer's backward."""
+    return 2 * DTYPE_BYTES[setup.param_dtype] * args.hidden_size
+
+
+def checkpointed_layers(setup: Setup, layer_ids) -> int:
+    """How many of ``layer_ids`` collie checkpoints: all (full), index % every == 0 (selective), none."""
+    if setup.activation_checkpointing == "full":
+        return len(layer_ids)
+    if setup.activation_checkpointing == "selective":
+        return sum(1 for i in layer_ids if i % setup.checkpoint_every == 0)
+    return 0
+
+
+def embedding_bytes() -> float:
+    """The embedding keeps the int64 token ids."""
+    return INDEX
+
+
+def rotary_bytes(args: ModelArgs, setup: Setup) -> float:
+    """cos and sin per position (shared by the batch and every layer of a stage), in the residual dtype."""
+    return 2 * args.head_dim_ * DTYPE_BYTES[setup.param_dtype]
+
+
+def head_bytes(args: ModelArgs, setup: Setup) -> dict[str, float]:
+    """Final norm and lm_head input kept for backward (per token), not the logits."""
+    out = norm_bytes(args, setup, ("lm_head",), setup.peft == "none")
+    return {f"head_{k}": v for k, v in out.items()}
+
+
+def logits_bytes(args: ModelArgs, setup: Setup) -> float:
+    """lm_head output per token: vocabulary (split over tp, never gathered) in the compute dtype."""
+    return DTYPE_BYTES[setup.compute_dtype] * Widths.of(args, setup).vocab
+
+
+def loss_saved_bytes(args: ModelArgs, setup: Setup) -> float:
+    """What the loss keeps per token between its forward and backward: the fp32 log-probabilities
+    (F.cross_entropy) or softmax (vocab-parallel loss), plus the logits when the loop holds them."""
+    held = logits_bytes(args, setup) if setup.holds_logits else 0.0
+    return FP32 * Widths.of(args, setup).vocab + held
+
+
+def loss_peak_bytes(args: ModelArgs, setup: Setup) -> float:
+    """Peak bytes per token of the loss, forward or backward (``collie.trainer.loss.causal_lm_loss_sum`` and
+    ``_VocabParallelCrossEntropySum``), per element of the local vocabulary V/t, C = logits dtype:
+
+    * forward: logits C + fp32 copy 4 + log-probs (shifted logits) 4 → C + 8 (C + 4 for fp32 logits on one
+      rank: ``.float()`` is then the same tensor);
+    * backward: saved log-probs (softmax) 4 + incoming grad 4 + grad of the input 4 (+ the tp loss's cast back
+      to C) + the held logits C.
+    """
+    vocab, compute = Widths.of(args, setup).vocab, DTYPE_BYTES[setup.compute_dtype]
+    held = compute if setup.holds_logits else 0
+    forward = compute + (4 if compute == FP32 and setup.tp == 1 else 8)
+    backward = 3 * FP32 + (compute if setup.tp > 1 else 0) + held
+    return vocab * max(forward, backward)

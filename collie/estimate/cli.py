@@ -1,0 +1,182 @@
+"""``collie estimate``: memory and communication of a job, or a plan of layouts that fit.
+
+    collie estimate configs/my_job.yaml parallel.zero_stage=3 --gpus 16     # exactly what `collie train` runs
+    collie estimate --card llama2-7b --dp 8 --zero 1 --dtype bfloat16 --mbs 4 --seq 2048 --ckpt full
+    collie estimate --card llama2-70b --plan --gpus 64 --gpu-mem 80 --seq 4096 --dtype bfloat16
+    ... --json                                                              # machine-readable
+
+Flags given explicitly override the job config (after its dotted overrides).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from collie.errors import CollieError, ConfigError
+from collie.estimate.communication import CommEstimate, estimate_communication
+from collie.estimate.memory import ALLOCATOR_OVERHEAD, RUNTIME_OVERHEAD_GIB, MemoryEstimate, estimate_memory
+from collie.estimate.plan import PlanRow, plan
+from collie.estimate.setup import Setup
+
+# flag → Setup field (flags default to None so that only given ones override a config)
+FLAG_FIELDS = {"dp": "dp", "tp": "tp", "pp": "pp", "zero": "zero_stage", "cpu_offload": "cpu_offload",
+               "sp": "sequence_parallel", "schedule": "pp_schedule", "microbatches": "pp_microbatches",
+               "optimizer": "optimizer", "clip_grad_norm": "clip_grad_norm", "master_weights": "master_weights",
+               "peft": "peft", "lora_r": "lora_r", "dtype": "param_dtype", "precision": "precision",
+               "ckpt": "activation_checkpointing", "mbs": "micro_batch_size", "seq": "seq_len",
+               "grad_accum": "grad_accum_steps"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="collie estimate", description="Estimate per-GPU memory and "
+                                     "communication of a training job, or plan layouts that fit.")
+    parser.add_argument("config", nargs="?", help="job config (YAML), as for collie train")
+    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=2")
+    parser.add_argument("--card", help="model card name or YAML path (instead of a job config)")
+    parser.add_argument("--gpus", type=int, help="GPUs of the job (resolves parallel.dp=-1; the plan's total)")
+    parser.add_argument("--gpu-mem", type=float, default=80.0, help="GPU memory in GiB (default 80)")
+    parser.add_argument("--plan", action="store_true", help="list the layouts of --gpus GPUs that fit")
+    parser.add_argument("--global-batch", type=int, help="plan: sequences per optimizer step (default 4/GPU)")
+    parser.add_argument("--all", action="store_true", help="plan: every fitting candidate, not the best per "
+                                                           "dp×tp×pp")
+    parser.add_argument("--offload", action="store_true", help="plan: also consider CPU offload")
+    parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
+    for flag in ("dp", "tp", "pp", "zero", "microbatches", "lora_r", "mbs", "seq", "grad_accum"):
+        parser.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=int)
+    parser.add_argument("--clip-grad-norm", dest="clip_grad_norm", type=float)
+    for flag in ("schedule", "optimizer", "peft", "dtype", "precision", "ckpt"):
+        parser.add_argument(f"--{flag}", dest=flag)
+    for flag in ("cpu_offload", "sp", "master_weights"):
+        parser.add_argument(f"--{flag.replace('_', '-')}", dest=flag, action="store_const", const=True)
+    return parser
+
+
+def estimate_main(argv=None) -> int:
+    """Entry point of ``collie estimate`` (returns the exit code)."""
+    options = build_parser().parse_args(argv)
+    try:
+        args, setup, label = _job(options)
+        if options.plan:
+            return _print_plan(options, args, setup, label)
+        memory = estimate_memory(args, setup)
+        comm = estimate_communication(args, setup, pp_rank=memory.pp_rank)
+    except CollieError as error:
+        print(f"collie estimate: error: {type(error).__name__}: {error}", file=sys.stderr)
+        return 2
+    if options.json:
+        print(json.dumps({"model": label, "params": args.num_params(), "setup": _setup_dict(setup),
+                          "gpu_mem_gib": options.gpu_mem, "fits": memory.fits(options.gpu_mem),
+                          "memory": memory.to_dict(), "communication": comm.to_dict()}, indent=2))
+    else:
+        print(render_estimate(label, args.num_params(), memory, comm, options.gpu_mem))
+    return 0
+
+
+def _job(options) -> tuple:
+    """(ModelArgs, Setup, label) from the job config or --card, with explicit flags applied."""
+    flags = {FLAG_FIELDS[k]: v for k, v in vars(options).items() if k in FLAG_FIELDS and v is not None}
+    if options.config:
+        from collie.config import CollieConfig
+        from collie.trainer.builders import build_model_args
+        cfg = CollieConfig.load(options.config, options.overrides)
+        args, label = build_model_args(cfg.model), cfg.model.pretrained or cfg.model.card
+        setup = Setup.from_config(cfg, options.gpus)
+    elif options.card:
+        from collie.models import load_card
+        if options.overrides:
+            raise ConfigError(f"dotted overrides {options.overrides} need a job config; with --card use flags")
+        args, label, setup = load_card(options.card), options.card, Setup()
+    else:
+        raise ConfigError("give a job config (collie estimate job.yaml) or a model card (--card llama2-7b)")
+    if flags:
+        setup = setup.replace(**flags)
+    if options.config and cfg.parallel.dp == -1 and "dp" not in flags and options.gpus:
+        setup = setup.replace(dp=max(1, options.gpus // (setup.tp * setup.pp)))  # re-resolve after --tp/--pp
+    if options.gpus and not options.plan and setup.world_size != options.gpus:
+        raise ConfigError(f"--gpus {options.gpus} ≠ dp {setup.dp} × tp {setup.tp} × pp {setup.pp}; "
+                          f"set --dp {options.gpus // (setup.tp * setup.pp)} or drop --gpus")
+    return args, setup, label
+
+
+def _print_plan(options, args, setup: Setup, label: str) -> int:
+    if not options.gpus:
+        raise ConfigError("--plan needs --gpus N (the GPUs to spread the job over)")
+    rows = plan(args, options.gpus, options.gpu_mem, base=setup, global_batch=options.global_batch,
+                offload=options.offload, keep="all" if options.all else "best")
+    if options.json:
+        print(json.dumps({"model": label, "gpus": options.gpus, "gpu_mem_gib": options.gpu_mem,
+                          "rows": [r.to_dict() for r in rows]}, indent=2))
+    else:
+        print(render_plan(label, args.num_params(), options.gpus, options.gpu_mem, setup, rows))
+    return 0 if rows else 1
+
+
+# --- tables ------------------------------------------------------------------------------------------------
+
+def _setup_dict(setup: Setup) -> dict:
+    from dataclasses import asdict
+    return asdict(setup)
+
+
+def _count(n: int) -> str:
+    return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
+
+
+def describe(setup: Setup) -> str:
+    s = setup
+    parts = [f"dp={s.dp} tp={s.tp} pp={s.pp}", f"ZeRO-{s.zero_stage}" + (" +offload" if s.cpu_offload else ""),
+             s.optimizer + (f"+lora(r={s.lora_r})" if s.peft == "lora" else ""),
+             f"{s.param_dtype} params, {s.compute_dtype} compute", f"checkpointing={s.activation_checkpointing}",
+             f"{s.micro_batch_size}×{s.seq_len} tokens per forward"]
+    if s.sequence_parallel:
+        parts.append("sequence parallel")
+    if s.pp > 1:
+        parts.append(f"{s.pp_schedule} with {s.n_microbatches} micro-batches")
+    if s.grad_accum_steps > 1:
+        parts.append(f"grad_accum={s.grad_accum_steps}")
+    return ", ".join(parts)
+
+
+def render_estimate(label: str, num_params: int, memory: MemoryEstimate, comm: CommEstimate,
+                    gpu_mem_gib: float) -> str:
+    lines = [f"{label} ({_count(num_params)} parameters): {describe(memory.setup)}", "",
+             f"Memory per GPU (pipeline rank {memory.pp_rank}, peak during {memory.phase}):"]
+    lines += [f"  {name:<20}{gib:>9.2f} GiB" for name, gib in memory.breakdown.items()]
+    fits = "fits" if memory.fits(gpu_mem_gib) else "does NOT fit"
+    lines += [f"  {'peak allocated':<20}{memory.peak_gib:>9.2f} GiB   (torch.cuda.max_memory_allocated)",
+              f"  {'reserved':<20}{memory.reserved_gib:>9.2f} GiB   (+{ALLOCATOR_OVERHEAD:.0%} allocator, "
+              f"+{RUNTIME_OVERHEAD_GIB} GiB CUDA/NCCL runtime): {fits} in {gpu_mem_gib:g} GiB",
+              "  phases: " + ", ".join(f"{k} {v:.1f}" for k, v in memory.phases.items()) + " GiB"]
+    if memory.setup.pp > 1:
+        lines.append("  per pipeline rank: " + ", ".join(f"{v:.1f}" for v in memory.per_rank_gib) + " GiB")
+    if memory.host_gib:
+        lines.append(f"  host (CPU) memory per rank: {memory.host_gib:.2f} GiB")
+    lines += ["", f"Communication per optimizer step (pipeline rank {comm.pp_rank}, "
+                  f"{comm.tokens_per_step} tokens per replica):",
+              f"  {'dim':<5}{'collective':<16}{'payload GB':>12}"]
+    lines += [f"  {dim:<5}{kind:<16}{payload / 1e9:>12.3f}" for (dim, kind), payload in sorted(comm.payload.items())]
+    sent = ", ".join(f"{d} {v / 1e9:.3f} GB" for d, v in sorted(comm.wire.items())) or "none"
+    lines.append(f"  sent by this rank (ring algorithms): {sent}; {comm.wire_per_token() / 1024:.1f} KiB per token")
+    if comm.approximate:
+        lines.append(f"  approximate (upper bound): {', '.join(comm.approximate)}")
+    return "\n".join(lines)
+
+
+def render_plan(label: str, num_params: int, gpus: int, gpu_mem_gib: float, base: Setup,
+                rows: list[PlanRow]) -> str:
+    head = (f"{label} ({_count(num_params)}) on {gpus} GPUs of {gpu_mem_gib:g} GiB, seq {base.seq_len}, "
+            f"{base.optimizer}, {base.param_dtype} params / {base.compute_dtype} compute: "
+            f"{len(rows)} layouts fit (fastest first; est. = the plan's step-time model)")
+    columns = "| dp | tp | pp | ZeRO | ckpt | SP | micro-batches (n×seqs, accum) | peak GiB | reserved GiB | " \
+              "sent GB/step (tp/dp/pp) | est. tok/s/GPU |"
+    table = [head, "", columns, "|" + "---|" * 11]
+    for r in rows:
+        s, c = r.setup, r.comm_gb
+        table.append(f"| {s.dp} | {s.tp} | {s.pp} | {s.zero_stage}{'+off' if s.cpu_offload else ''} | "
+                     f"{s.activation_checkpointing} | {'yes' if s.sequence_parallel else 'no'} | "
+                     f"{s.n_microbatches}×{s.micro_batch_size // s.n_microbatches}, {s.grad_accum_steps} | "
+                     f"{r.memory.peak_gib:.1f} | {r.memory.reserved_gib:.1f} | "
+                     f"{c.get('tp', 0):.0f}/{c.get('dp', 0):.0f}/{c.get('pp', 0):.0f} | "
+                     f"{r.tokens_per_s_per_gpu:.0f} |")
+    return "\n".join(table)

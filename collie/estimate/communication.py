@@ -1,0 +1,158 @@
+"""Bytes one rank's collectives move in one optimizer step, per mesh dimension, as collie's layouts issue them.
+
+Every formula lists the collectives ``torch.distributed`` is called with (payload convention of
+``collie.estimate.counting``: all-reduce/broadcast/send the buffer, all-gather the gathered output,
+reduce-scatter the full input), so ``count_collective_bytes`` can check them exactly (tests/test_estimate.py).
+T = tokens per pipeline micro-batch, h hidden, R the residual dtype (params'), C the compute dtype, w the
+parameter bytes, P the rank's parameters (tp shards; FSDP pads dim 0 to a multiple of dp).
+
+tp (``collie.distributed.tensor_parallel``; DTensor colwise/rowwise plans), per micro-batch and layer:
+  forward: all-reduce T·h·C after o_proj and down_proj (sequence parallel: reduce-scatter instead, and an
+  all-gather T·h·R of the norm output before attention and before the MLP);
+  backward: one all-reduce T·h·R of the input gradient per column-parallel linear — q, k, v, gate and up
+  each turn their replicated input into a DTensor of their own, so 5, not Megatron's 2 (sequence parallel:
+  also all-gathers T·h·C of the o/down output gradients and an all-reduce of each norm weight's gradient);
+  embedding: all-reduce T·h·R forward (SP: reduce-scatter forward, all-gather backward); lm_head: input
+  gradient all-reduce T·h·R (SP: all-gather forward, reduce-scatter backward); vocab-parallel loss: three
+  all-reduces of T fp32 values.
+dp (``collie.distributed.data_parallel``), per step: ZeRO-0 all-reduce of the gradients (w·P_trainable);
+  ZeRO-1 + broadcast of the updated parameters (w·P_trainable); ZeRO-2 all-gather of the parameters per
+  forward + reduce-scatter of the gradients; ZeRO-3 all-gathers again in backward. LOMO/AdaLomo all-reduce
+  each gradient in its hook (twice with clip_grad_norm: the norm pass). Gradient sync runs once per step.
+pp (``torch.distributed.pipelining``), per micro-batch: each local stage sends its output (T·h·R, /tp with
+  sequence parallel) forward unless last and its input gradient backward unless first.
+"""
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+from collie.estimate.counting import wire_bytes
+from collie.estimate.setup import DTYPE_BYTES, Setup
+from collie.estimate.shapes import Stage, setup_stages, stage_tensors
+from collie.models.args import ModelArgs
+
+FP32 = 4
+
+
+@dataclass
+class CommEstimate:
+    """Collectives of one optimizer step on one pipeline rank: payload bytes by (dimension, kind), the bytes
+    this rank sends with ring algorithms by dimension, and how exact each dimension's figure is."""
+    setup: Setup
+    pp_rank: int
+    payload: dict[tuple[str, str], float]
+    wire: dict[str, float]
+    tokens_per_step: int  # tokens this rank's data-parallel replica processes per step
+    approximate: list[str] = field(default_factory=list)  # dimensions whose formula is an upper bound
+
+    def wire_per_token(self) -> float:
+        return sum(self.wire.values()) / max(self.tokens_per_step, 1)
+
+    def to_dict(self) -> dict:
+        return {"pp_rank": self.pp_rank, "tokens_per_step": self.tokens_per_step,
+                "payload_bytes": {f"{d}/{k}": int(v) for (d, k), v in sorted(self.payload.items())},
+                "wire_bytes": {d: int(v) for d, v in sorted(self.wire.items())},
+                "wire_bytes_per_token": round(self.wire_per_token(), 1), "approximate": self.approximate}
+
+
+class _Ledger:
+    """Accumulates collectives as (dimension, kind, payload bytes, group size)."""
+
+    def __init__(self):
+        self.payload: dict = defaultdict(float)
+        self.wire: dict = defaultdict(float)
+
+    def add(self, dim: str, kind: str, payload: float, group: int, times: float = 1) -> None:
+        if group <= 1 or payload <= 0 or times <= 0:
+            return
+        self.payload[(dim, kind)] += payload * times
+        self.wire[dim] += wire_bytes(kind, payload, group) * times
+
+
+def estimate_communication(args: ModelArgs, setup: Setup | None = None, pp_rank: int | None = None,
+                           **fields) -> CommEstimate:
+    """Collectives of one optimizer step for pipeline rank ``pp_rank`` (default: the rank sending most)."""
+    setup = (setup or Setup()).replace(**fields) if fields else (setup or Setup())
+    stages = setup_stages(args, setup)
+    if pp_rank is not None:
+        return _rank_comm(args, setup, stages[pp_rank])
+    return max((_rank_comm(args, setup, s) for s in stages), key=lambda e: sum(e.wire.values()))
+
+
+def _rank_comm(args: ModelArgs, setup: Setup, stage: Stage) -> CommEstimate:
+    ledger = _Ledger()
+    forwards = setup.grad_accum_steps * setup.n_microbatches  # micro-batch passes per local stage per step
+    tokens = setup.micro_batch_size // setup.n_microbatches * setup.seq_len
+    _tensor_parallel(ledger, args, setup, stage, tokens, forwards)
+    approximate = _data_parallel(ledger, args, setup, stage)
+    _pipeline(ledger, args, setup, stage, tokens, forwards)
+    return CommEstimate(setup, stage.pp_rank, dict(ledger.payload), dict(ledger.wire),
+                        setup.micro_batch_size * setup.seq_len * setup.grad_accum_steps, approximate)
+
+
+def _tensor_parallel(ledger: _Ledger, args: ModelArgs, setup: Setup, stage: Stage, tokens: int,
+                     times: int) -> None:
+    t, h = setup.tp, args.hidden_size
+    residual = tokens * h * DTYPE_BYTES[setup.param_dtype]
+    compute = tokens * h * DTYPE_BYTES[setup.compute_dtype]
+    layers = stage.layers * times
+    if setup.sequence_parallel:
+        ledger.add("tp", "all_gather", residual, t, 2 * layers)  # norm outputs → attention, MLP
+        ledger.add("tp", "reduce_scatter", compute, t, 2 * layers)  # o_proj, down_proj outputs
+        ledger.add("tp", "all_gather", compute, t, 2 * layers)  # their output gradients
+        ledger.add("tp", "all_reduce", h * setup.param_bytes, t, 2 * layers)  # norm weight gradients
+    else:
+        ledger.add("tp", "all_reduce", compute, t, 2 * layers)
+    ledger.add("tp", "all_reduce", residual, t, 5 * layers)  # q, k, v, gate, up input gradients
+    if stage.has_embedding:
+        if setup.sequence_parallel:
+            ledger.add("tp", "reduce_scatter", residual, t, times)
+            ledger.add("tp", "all_gather", residual, t, times)
+        else:
+            ledger.add("tp", "all_reduce", residual, t, times)
+    if stage.has_head:
+        if setup.sequence_parallel:
+            ledger.add("tp", "all_gather", residual, t, times)  # lm_head input
+            ledger.add("tp", "reduce_scatter", residual, t, times)  # its gradient
+            ledger.add("tp", "all_reduce", h * setup.param_bytes, t, times)  # final norm weight gradient
+        else:
+            ledger.add("tp", "all_reduce", residual, t, times)
+        ledger.add("tp", "all_reduce", tokens * FP32, t, 3 * times)  # vocab-parallel loss
+
+
+def _data_parallel(ledger: _Ledger, args: ModelArgs, setup: Setup, stage: Stage) -> list[str]:
+    """Returns the dimensions whose figure is approximate."""
+    dp, w = setup.dp, setup.param_bytes
+    if dp == 1:
+        return []
+    lora = (setup.lora_targets, setup.lora_r) if setup.peft == "lora" else ((), 0)
+    tensors = stage_tensors(args, stage, *lora)
+    trainable = [t for t in tensors if t.trainable]
+    grads = w * sum(t.local_numel(setup.tp) for t in trainable)
+    if setup.zero_stage in (0, 1):
+        passes = 2 if setup.fused and setup.clip_grad_norm > 0 else 1
+        ledger.add("dp", "all_reduce", grads, dp, passes)
+        if setup.zero_stage == 1:
+            ledger.add("dp", "broadcast", grads, dp)
+        return []
+    gathered = dp * w * sum(t.local_numel(setup.tp, dp) for t in tensors)
+    scattered = dp * w * sum(t.local_numel(setup.tp, dp) for t in trainable)
+    if setup.zero_stage == 2:
+        ledger.add("dp", "all_gather", gathered, dp, setup.grad_accum_steps)
+    else:
+        ledger.add("dp", "all_gather", gathered, dp, 2 * setup.grad_accum_steps * setup.n_microbatches)
+    ledger.add("dp", "reduce_scatter", scattered, dp)
+    return ["dp"] if setup.zero_stage == 3 and setup.pp > 1 else []
+
+
+def _pipeline(ledger: _Ledger, args: ModelArgs, setup: Setup, stage: Stage, tokens: int, times: int) -> None:
+    if setup.pp == 1:
+        return
+    share = setup.tp if setup.sequence_parallel else 1
+    boundary = tokens * args.hidden_size * DTYPE_BYTES[setup.param_dtype] / share
+    last = setup.pp * setup.stages_per_rank - 1
+    for stage_id in stage.stage_ids:
+        sends = (stage_id < last) + (stage_id > 0)  # activations forward, input gradients backward
+        ledger.add("pp", "send", boundary, setup.pp, sends * times)
+        ledger.add("pp", "recv", boundary, setup.pp, sends * times)

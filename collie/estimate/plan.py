@@ -1,0 +1,182 @@
+"""Search dp × tp × pp (× ZeRO stage × activation checkpointing × sequence parallel) for layouts that fit.
+
+Every candidate is checked with collie's own layout rules (``validate_model_for_layout``, the fused-optimizer
+and Sophia restrictions), its memory estimated, and the ones that fit ranked by a simple step-time model:
+
+    step = compute·(1 + recompute) + bubble + tp + pp + exposed dp + offload
+    compute  = FLOPs per GPU / (peak · efficiency)          FLOPs: collie.monitor.meters.flops_per_token
+    recompute: +1/3 with full checkpointing (forward again), +1/(3k) with every k-th layer
+    bubble   = compute · (pp − 1) / (micro-batches · stages per rank)      (Narayanan et al. 2021)
+    tp, pp   = bytes sent / link bandwidth (on the critical path)
+    dp       = max(0, bytes sent / bandwidth − backward compute)   (gradient sync overlaps backward)
+    offload  = (parameters + gradients moved over PCIe) / PCIe bandwidth
+
+A group uses NVLink when it fits in a node (the mesh is (pp, dp, tp), tp innermost), else the network. It
+ranks layouts; it does not predict throughput to better than a factor of about 1.5.
+"""
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from types import SimpleNamespace
+
+from collie.errors import ConfigError
+from collie.estimate.communication import estimate_communication
+from collie.estimate.memory import MemoryEstimate, estimate_memory
+from collie.estimate.setup import Setup
+from collie.models.args import ModelArgs
+from collie.monitor.meters import flops_per_token
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """Per-GPU figures of the cluster (defaults: H100 SXM, 8 per node, NVLink 4, one 400 Gb/s NIC per GPU)."""
+    peak_tflops: float = 989.0
+    efficiency: float = 0.5  # fraction of peak the matmuls reach
+    nvlink_gbps: float = 360.0  # achievable NCCL bus bandwidth inside a node, GB/s
+    network_gbps: float = 40.0  # between nodes, per GPU, GB/s
+    pcie_gbps: float = 25.0  # host <-> device, GB/s
+    gpus_per_node: int = 8
+
+
+@dataclass
+class PlanRow:
+    setup: Setup
+    memory: MemoryEstimate
+    comm_gb: dict[str, float]  # GB this rank sends per step, by dimension
+    step_s: float
+    tokens_per_s_per_gpu: float
+
+    def to_dict(self) -> dict:
+        s = self.setup
+        return {"dp": s.dp, "tp": s.tp, "pp": s.pp, "zero_stage": s.zero_stage, "cpu_offload": s.cpu_offload,
+                "activation_checkpointing": s.activation_checkpointing, "sequence_parallel": s.sequence_parallel,
+                "pp_schedule": s.pp_schedule, "pp_microbatches": s.n_microbatches,
+                "micro_batch_size": s.micro_batch_size, "grad_accum_steps": s.grad_accum_steps,
+                "peak_gib": round(self.memory.peak_gib, 2), "reserved_gib": round(self.memory.reserved_gib, 2),
+                "comm_gb_per_step": {k: round(v, 3) for k, v in self.comm_gb.items()},
+                "step_s": round(self.step_s, 3), "tokens_per_s_per_gpu": round(self.tokens_per_s_per_gpu, 1)}
+
+
+def plan(args: ModelArgs, num_gpus: int, gpu_mem_gib: float, base: Setup | None = None,
+         global_batch: int | None = None, zero_stages=(0, 1, 2, 3), checkpointing=("none", "selective", "full"),
+         offload: bool = False, hardware: Hardware | None = None, keep: str = "best") -> list[PlanRow]:
+    """Layouts of ``num_gpus`` GPUs that fit ``gpu_mem_gib`` (reserved memory), fastest first.
+
+    ``base`` gives the recipe (optimizer, dtypes, seq_len, PEFT, micro_batch_size = sequences per pipeline
+    micro-batch); ``global_batch`` sequences per optimizer step (default: 4 per GPU). ``keep="best"`` keeps the
+    best row per (dp, tp, pp); ``"all"`` every fitting candidate."""
+    base = base or Setup()
+    hardware = hardware or Hardware()
+    global_batch = global_batch or 4 * num_gpus
+    rows = [row for setup in _candidates(args, num_gpus, base, global_batch, zero_stages, checkpointing, offload)
+            if (row := _evaluate(args, setup, gpu_mem_gib, hardware)) is not None]
+    rows.sort(key=lambda r: -r.tokens_per_s_per_gpu)
+    if keep == "best":
+        seen, best = set(), []
+        for row in rows:
+            key = (row.setup.dp, row.setup.tp, row.setup.pp)
+            if key not in seen:
+                seen.add(key)
+                best.append(row)
+        rows = best
+    return rows
+
+
+def _candidates(args, num_gpus, base, global_batch, zero_stages, checkpointing, offload):
+    for tp, pp in itertools.product(_divisors(num_gpus), repeat=2):
+        if num_gpus % (tp * pp):
+            continue
+        dp = num_gpus // (tp * pp)
+        if global_batch % dp or not _layout_ok(args, base, tp, pp):
+            continue
+        batch = _batching(base, pp, global_batch // dp)
+        if batch is None:
+            continue
+        for zero, ckpt, sp, off in itertools.product(zero_stages, checkpointing, (False, True), (False, True)):
+            if (zero > 0 and dp == 1) or (sp and tp == 1) or (off and (not offload or zero < 2)):
+                continue
+            setup = base.replace(dp=dp, tp=tp, pp=pp, zero_stage=zero, activation_checkpointing=ckpt,
+                                 sequence_parallel=sp, cpu_offload=off, **batch)
+            if _recipe_ok(setup):
+                yield setup
+
+
+def _batching(base: Setup, pp: int, per_replica: int) -> dict | None:
+    """Micro-batching of a replica's ``per_replica`` sequences: pipeline micro-batches of
+    ``base.micro_batch_size`` sequences, up to 4·pp of them per pipeline step, the rest by accumulation."""
+    mbs = base.micro_batch_size
+    if per_replica % mbs:
+        return None
+    chunks = per_replica // mbs
+    if pp == 1:
+        return {"micro_batch_size": mbs, "grad_accum_steps": chunks, "pp_microbatches": None}
+    n = max(d for d in _divisors(chunks) if d <= 4 * pp)
+    if base.pp_schedule == "1f1b" and n < pp:
+        return None
+    if base.pp_schedule == "interleaved_1f1b" and n % max(1, n // pp):
+        return None
+    return {"micro_batch_size": mbs * n, "grad_accum_steps": chunks // n, "pp_microbatches": n}
+
+
+def _layout_ok(args: ModelArgs, base: Setup, tp: int, pp: int) -> bool:
+    from collie.distributed.mesh import validate_model_for_layout
+    cfg = SimpleNamespace(tp=tp, pp=pp, pp_schedule=base.pp_schedule, pp_boundaries=None)
+    try:
+        validate_model_for_layout(args, cfg, tp, pp)
+    except ConfigError:
+        return False
+    return True
+
+
+def _recipe_ok(setup: Setup) -> bool:
+    """collie's config-time restrictions (collie.optim.fused.validate_fused_config, Sophia's validator)."""
+    if setup.fused and (setup.pp > 1 or setup.zero_stage in (1, 2)):
+        return False
+    return not (setup.optimizer == "sophia" and setup.pp > 1)
+
+
+def _evaluate(args: ModelArgs, setup: Setup, gpu_mem_gib: float, hw: Hardware) -> PlanRow | None:
+    memory = estimate_memory(args, setup)
+    if not memory.fits(gpu_mem_gib):
+        return None
+    comm = estimate_communication(args, setup)
+    step = step_seconds(args, setup, comm.wire, hw)
+    tokens = comm.tokens_per_step * setup.dp / setup.world_size
+    return PlanRow(setup, memory, {k: v / 1e9 for k, v in comm.wire.items()}, step, tokens / step)
+
+
+def step_seconds(args: ModelArgs, setup: Setup, wire: dict[str, float], hw: Hardware) -> float:
+    """The step-time model of the module docstring."""
+    tokens = setup.micro_batch_size * setup.seq_len * setup.grad_accum_steps * setup.dp
+    flops = flops_per_token(args.num_params(), args.num_hidden_layers, args.hidden_size, setup.seq_len) * tokens
+    compute = flops / setup.world_size / (hw.peak_tflops * 1e12 * hw.efficiency)
+    compute *= 1 + _recompute_fraction(setup)
+    bubble = compute * (setup.pp - 1) / (setup.n_microbatches * setup.stages_per_rank) if setup.pp > 1 else 0.0
+    seconds = compute + bubble
+    for dim in ("tp", "pp"):
+        seconds += wire.get(dim, 0.0) / (_bandwidth(setup, dim, hw) * 1e9)
+    dp_time = wire.get("dp", 0.0) / (_bandwidth(setup, "dp", hw) * 1e9)
+    seconds += max(0.0, dp_time - 2 / 3 * compute)
+    if setup.cpu_offload:
+        moved = 2 * args.num_params() / setup.world_size * setup.param_bytes * setup.grad_accum_steps
+        seconds += moved / (hw.pcie_gbps * 1e9)
+    return seconds
+
+
+def _recompute_fraction(setup: Setup) -> float:
+    if setup.activation_checkpointing == "full":
+        return 1 / 3
+    if setup.activation_checkpointing == "selective":
+        return 1 / (3 * setup.checkpoint_every)
+    return 0.0
+
+
+def _bandwidth(setup: Setup, dim: str, hw: Hardware) -> float:
+    """NVLink when the dimension's groups stay inside a node (mesh order pp, dp, tp), else the network."""
+    span = {"tp": setup.tp, "dp": setup.tp * setup.dp, "pp": setup.world_size}[dim]
+    return hw.nvlink_gbps if span <= hw.gpus_per_node else hw.network_gbps
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]

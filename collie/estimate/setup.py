@@ -1,0 +1,148 @@
+"""What an estimate is about: one parallel layout and training recipe, field names as in ``CollieConfig``.
+
+``Setup.from_config(cfg)`` reads a job config, so ``collie estimate`` describes exactly the job ``collie train``
+would run; ``Setup(dp=8, tp=2, ...)`` or ``replace(setup, zero_stage=3)`` describes one by hand.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+from collie.errors import ConfigError
+
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+PRECISION_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+OPTIMIZERS = ("adamw", "lion", "adan", "sophia", "lomo", "adalomo")
+FUSED_OPTIMIZERS = ("lomo", "adalomo")
+
+
+@dataclass(frozen=True)
+class Setup:
+    """One training job's layout and recipe (per data-parallel rank: ``micro_batch_size`` sequences of
+    ``seq_len`` tokens per forward)."""
+    dp: int = 1
+    tp: int = 1
+    pp: int = 1
+    zero_stage: int = 0
+    cpu_offload: bool = False
+    sequence_parallel: bool = False
+    pp_schedule: str = "1f1b"  # gpipe, 1f1b, interleaved_1f1b
+    pp_microbatches: Optional[int] = None  # None = 2·pp (collie's default)
+    pp_split: str = "uniform"  # uniform or balanced (parallel.pp_split)
+    pp_boundaries: Optional[tuple[int, ...]] = None  # first layer of stages 1..pp-1 (parallel.pp_boundaries)
+    optimizer: str = "adamw"
+    clip_grad_norm: float = 0.0  # LOMO/AdaLomo run a second backward to get the norm when > 0
+    master_weights: bool = False  # fp32 master copy + fp32 states for 16-bit params (DeepSpeed engine)
+    peft: str = "none"  # none or lora
+    lora_r: int = 8
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    param_dtype: str = "float32"  # model.dtype
+    precision: str = "fp32"  # train.precision: fp32, or bf16/fp16 autocast
+    activation_checkpointing: str = "none"  # none, full, selective (every checkpoint_every-th layer)
+    checkpoint_every: int = 2
+    micro_batch_size: int = 1
+    seq_len: int = 2048
+    grad_accum_steps: int = 1
+    expand_kv_heads: bool = True  # collie's attention repeats k/v to all heads before SDPA (HF: enable_gqa)
+    hold_logits: Optional[bool] = None  # logits alive through backward; None = collie's loop: only under pp
+
+    def __post_init__(self):
+        self.check()
+
+    # --- derived ---------------------------------------------------------------------------------------------
+    @property
+    def holds_logits(self) -> bool:
+        """Whether the logits outlive the loss's forward: collie's Trainer passes them straight to the loss
+        (freed once the loss has its fp32 copy); torch.distributed.pipelining keeps each stage's output."""
+        return self.pp > 1 if self.hold_logits is None else self.hold_logits
+
+    @property
+    def world_size(self) -> int:
+        return self.dp * self.tp * self.pp
+
+    @property
+    def n_microbatches(self) -> int:
+        """Pipeline micro-batches per forward of ``micro_batch_size`` sequences (1 without pp)."""
+        if self.pp == 1:
+            return 1
+        return self.pp_microbatches or 2 * self.pp
+
+    @property
+    def stages_per_rank(self) -> int:
+        return 2 if self.pp_schedule == "interleaved_1f1b" and self.pp > 1 else 1
+
+    @property
+    def fused(self) -> bool:
+        return self.optimizer in FUSED_OPTIMIZERS
+
+    @property
+    def param_bytes(self) -> int:
+        return DTYPE_BYTES[self.param_dtype]
+
+    @property
+    def compute_dtype(self) -> str:
+        """Dtype of matmul outputs: autocast's dtype for 16-bit precision on fp32 params, else the params'."""
+        if self.precision != "fp32" and self.param_dtype == "float32":
+            return PRECISION_DTYPE[self.precision]
+        return self.param_dtype
+
+    @property
+    def autocast(self) -> bool:
+        """Autocast changes anything only when it casts fp32 weights to 16 bits."""
+        return self.compute_dtype != self.param_dtype
+
+    def replace(self, **changes) -> "Setup":
+        return dataclasses.replace(self, **changes)
+
+    # --- checks ----------------------------------------------------------------------------------------------
+    def check(self) -> None:
+        for name in ("dp", "tp", "pp", "micro_batch_size", "seq_len", "grad_accum_steps", "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"estimate: {name}={getattr(self, name)} must be >= 1")
+        _choice("zero_stage", self.zero_stage, (0, 1, 2, 3))
+        _choice("optimizer", self.optimizer, OPTIMIZERS)
+        _choice("peft", self.peft, ("none", "lora"))
+        _choice("param_dtype", self.param_dtype, tuple(DTYPE_BYTES))
+        _choice("precision", self.precision, tuple(PRECISION_DTYPE))
+        _choice("activation_checkpointing", self.activation_checkpointing, ("none", "full", "selective"))
+        _choice("pp_schedule", self.pp_schedule, ("gpipe", "1f1b", "interleaved_1f1b"))
+        _choice("pp_split", self.pp_split, ("uniform", "balanced"))
+        unknown = [t for t in self.lora_targets if t not in LINEAR_NAMES]
+        if unknown:
+            raise ConfigError(f"estimate: lora target(s) {unknown} unknown; choose from {', '.join(LINEAR_NAMES)}")
+        if self.pp > 1 and self.micro_batch_size % self.n_microbatches:
+            raise ConfigError(f"estimate: micro_batch_size={self.micro_batch_size} must be a multiple of the "
+                              f"{self.n_microbatches} pipeline micro-batches (parallel.pp_microbatches)")
+        if self.cpu_offload and self.zero_stage < 2:
+            raise ConfigError("estimate: cpu_offload needs zero_stage 2 or 3 (FSDP2's offload policy)")
+        if self.sequence_parallel and self.tp == 1:
+            raise ConfigError("estimate: sequence_parallel needs tp > 1")
+
+    # --- from a job config -----------------------------------------------------------------------------------
+    @classmethod
+    def from_config(cls, cfg, world_size: int | None = None) -> "Setup":
+        """The setup of a ``CollieConfig``; ``world_size`` resolves ``parallel.dp=-1`` (default: dp=1)."""
+        p = cfg.parallel
+        if cfg.peft.method not in ("none", "lora"):
+            raise ConfigError(f"collie estimate models peft.method none and lora, not {cfg.peft.method!r} "
+                              f"(its few trainable parameters make it close to LoRA with a small r)")
+        dp = p.dp
+        if dp == -1:
+            dp = max(1, (world_size or p.tp * p.pp) // (p.tp * p.pp))
+        return cls(
+            dp=dp, tp=p.tp, pp=p.pp, zero_stage=p.zero_stage, cpu_offload=p.cpu_offload,
+            sequence_parallel=p.sequence_parallel, pp_schedule=p.pp_schedule, pp_microbatches=p.pp_microbatches,
+            pp_split=p.pp_split, pp_boundaries=tuple(p.pp_boundaries) if p.pp_boundaries else None,
+            optimizer=cfg.optim.name, clip_grad_norm=cfg.optim.clip_grad_norm,
+            master_weights=p.engine == "deepspeed", peft=cfg.peft.method,
+            lora_r=cfg.peft.r, lora_targets=tuple(cfg.peft.target_modules), param_dtype=cfg.model.dtype,
+            precision=cfg.train.precision, activation_checkpointing=cfg.model.activation_checkpointing,
+            checkpoint_every=cfg.model.checkpoint_every, micro_batch_size=cfg.train.micro_batch_size,
+            seq_len=cfg.data.seq_len, grad_accum_steps=cfg.train.grad_accum_steps)
+
+
+def _choice(name: str, value, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"estimate: {name}={value!r}; choose from {', '.join(map(str, choices))}")

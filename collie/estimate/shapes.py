@@ -1,0 +1,142 @@
+"""The parameter inventory of a Llama-family model and how a layout splits it over ranks.
+
+Counts follow ``collie.models`` exactly (``ModelArgs.num_params()`` equals the sum of ``model_tensors``), so
+weight bytes are exact; tensor-parallel sharding follows ``collie.distributed.tensor_parallel`` (q/k/v/gate/up
+split on the output dim, o/down on the input dim, embedding and lm_head on the vocabulary, norms replicated)
+and pipeline stages follow ``collie.distributed.pipeline.split_layers``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from collie.models.args import ModelArgs
+
+COLWISE = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+ROWWISE = ("o_proj", "down_proj")
+
+
+@dataclass(frozen=True)
+class Tensor:
+    """One parameter: its full shape and the dim tensor parallel splits (None = replicated)."""
+    name: str
+    shape: tuple[int, ...]
+    tp_dim: int | None
+    trainable: bool = True
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    def local_shape(self, tp: int) -> tuple[int, ...]:
+        if self.tp_dim is None or tp == 1:
+            return self.shape
+        shape = list(self.shape)
+        shape[self.tp_dim] //= tp
+        return tuple(shape)
+
+    def local_numel(self, tp: int, dp_shards: int = 1) -> int:
+        """Elements on one rank: the tp shard, then FSDP's dim-0 shard padded to a multiple of ``dp_shards``
+        (FSDP2 pads dim 0 to a multiple of the shard count; what the all-gather moves)."""
+        shape = self.local_shape(tp)
+        if dp_shards == 1:
+            return math.prod(shape)
+        return math.ceil(shape[0] / dp_shards) * math.prod(shape[1:])
+
+
+def layer_tensors(args: ModelArgs, lora_targets: tuple[str, ...] = (), lora_r: int = 0) -> list[Tensor]:
+    """The parameters of one decoder layer; with LoRA the base weights are frozen and adapters added."""
+    h, d = args.hidden_size, args.head_dim_
+    q, kv, inner = args.num_attention_heads * d, args.n_kv_heads * d, args.intermediate_size
+    frozen = bool(lora_r)
+    out = [Tensor("q_proj", (q, h), 0, not frozen), Tensor("k_proj", (kv, h), 0, not frozen),
+           Tensor("v_proj", (kv, h), 0, not frozen), Tensor("o_proj", (h, q), 1, not frozen),
+           Tensor("gate_proj", (inner, h), 0, not frozen), Tensor("up_proj", (inner, h), 0, not frozen),
+           Tensor("down_proj", (h, inner), 1, not frozen),
+           Tensor("input_layernorm", (h,), None, not frozen), Tensor("post_attention_layernorm", (h,), None,
+                                                                         not frozen)]
+    if args.qkv_bias:
+        out += [Tensor("q_proj.bias", (q,), 0, not frozen), Tensor("k_proj.bias", (kv,), 0, not frozen),
+                Tensor("v_proj.bias", (kv,), 0, not frozen)]
+    if args.o_bias:
+        out.append(Tensor("o_proj.bias", (h,), None, not frozen))
+    if args.mlp_bias:
+        out += [Tensor("gate_proj.bias", (inner,), 0, not frozen), Tensor("up_proj.bias", (inner,), 0, not frozen),
+                Tensor("down_proj.bias", (h,), None, not frozen)]
+    for base in [t for t in out if t.name in lora_targets]:
+        rows, cols = base.shape
+        # column-parallel targets: B (out, r) is split with the output; row-parallel: A (r, in) with the input
+        out.append(Tensor(f"{base.name}.lora_A", (lora_r, cols), 1 if base.name in ROWWISE else None))
+        out.append(Tensor(f"{base.name}.lora_B", (rows, lora_r), 0 if base.name in COLWISE else None))
+    return out
+
+
+def embedding_tensors(args: ModelArgs, frozen: bool = False) -> list[Tensor]:
+    return [Tensor("embed_tokens", (args.vocab_size, args.hidden_size), 0, not frozen)]
+
+
+def head_tensors(args: ModelArgs, frozen: bool = False) -> list[Tensor]:
+    """Final norm and lm_head (the head shares the embedding's tensor when tied: counted there)."""
+    out = [Tensor("norm", (args.hidden_size,), None, not frozen)]
+    if not args.tie_word_embeddings:
+        out.append(Tensor("lm_head", (args.vocab_size, args.hidden_size), 0, not frozen))
+    return out
+
+
+@dataclass(frozen=True)
+class Stage:
+    """What one pipeline rank holds: its layers (all its virtual stages) and whether it has the ends."""
+    pp_rank: int
+    layers: int
+    has_embedding: bool
+    has_head: bool
+    stage_ids: tuple[int, ...]
+    layer_ids: tuple[int, ...]  # the decoder layers, in model order
+
+
+def pipeline_stages(args: ModelArgs, pp: int, stages_per_rank: int = 1, split: str = "uniform",
+                    boundaries=None) -> list[Stage]:
+    """The stage of every pp rank, split as ``collie.distributed.pipeline.split_layers`` does (rank r holds
+    stages r and r+pp with the interleaved schedule)."""
+    total = pp * stages_per_rank
+    ranges = _split_layers(args, total, split, boundaries)
+    stages = []
+    for rank in range(pp):
+        ids = tuple(rank + k * pp for k in range(stages_per_rank))
+        layer_ids = tuple(i for stage_id in ids for i in ranges[stage_id])
+        stages.append(Stage(rank, len(layer_ids), 0 in ids, total - 1 in ids, ids, layer_ids))
+    return stages
+
+
+def setup_stages(args: ModelArgs, setup) -> list[Stage]:
+    """``pipeline_stages`` for a ``Setup``."""
+    return pipeline_stages(args, setup.pp, setup.stages_per_rank, setup.pp_split, setup.pp_boundaries)
+
+
+def _split_layers(args: ModelArgs, num_stages: int, split: str, boundaries=None) -> list[range]:
+    if num_stages == 1:
+        return [range(args.num_hidden_layers)]
+    from collie.distributed.pipeline import split_layers
+    sizes = None
+    if split == "balanced" and boundaries is None:
+        layer = sum(t.numel for t in layer_tensors(args))
+        sizes = [args.vocab_size * args.hidden_size, *[layer] * args.num_hidden_layers,
+                 sum(t.numel for t in head_tensors(args))]
+    return split_layers(args.num_hidden_layers, num_stages, split, list(boundaries) if boundaries else None, sizes)
+
+
+def model_tensors(args: ModelArgs) -> list[Tensor]:
+    """Every parameter of the full model (one layer's list repeated per layer)."""
+    return embedding_tensors(args) + layer_tensors(args) * args.num_hidden_layers + head_tensors(args)
+
+
+def stage_tensors(args: ModelArgs, stage: Stage, lora_targets=(), lora_r: int = 0) -> list[Tensor]:
+    """The parameters one pp rank holds (layers repeated; embedding/head where the stage has them)."""
+    frozen = bool(lora_r)
+    out = embedding_tensors(args, frozen) if stage.has_embedding else []
+    out += layer_tensors(args, lora_targets, lora_r) * stage.layers
+    if stage.has_head:
+        out += head_tensors(args, frozen)
+        if args.tie_word_embeddings and not stage.has_embedding:  # unreachable: collie forbids tied + pp
+            out += embedding_tensors(args, frozen)
+    return out

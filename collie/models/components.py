@@ -1,0 +1,189 @@
+"""Building blocks of a Llama-family decoder: RMSNorm, rotary embedding, attention, SwiGLU MLP, decoder layer.
+
+Module and parameter names follow Hugging Face Llama (``self_attn.q_proj``, ``mlp.gate_proj``, …) so that
+checkpoints load by name and tensor-parallel plans can address modules by the same names. Head counts are
+read from tensor shapes in ``forward`` so that column-sharded projections work unchanged.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from collie.models.args import ModelArgs
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm computed in fp32, as in transformers' LlamaRMSNorm."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+    def reset_parameters(self) -> None:
+        nn.init.ones_(self.weight)
+
+
+def rope_inv_freq(args: ModelArgs) -> tuple[torch.Tensor, float]:
+    """Inverse frequencies (fp32, CPU) and the cos/sin scale of the configured rotary embedding.
+
+    The default rope is computed here; scaled types reuse transformers' ``ROPE_INIT_FUNCTIONS`` so that they
+    match Hugging Face exactly. ``dynamic`` yields the unscaled frequencies, exact up to
+    ``max_position_embeddings`` (longer inputs are refused in ``RotaryEmbedding.forward``).
+    """
+    dim = args.head_dim_
+    with torch.device("cpu"):  # the caller may be inside a meta-device context
+        if args.rope_scaling is None:
+            return 1.0 / (args.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim)), 1.0
+        from transformers import LlamaConfig
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+        config = LlamaConfig(hidden_size=args.hidden_size, num_attention_heads=args.num_attention_heads,
+                             head_dim=dim, max_position_embeddings=args.max_position_embeddings,
+                             rope_parameters={**args.rope_scaling, "rope_theta": args.rope_theta})
+        inv_freq, scale = ROPE_INIT_FUNCTIONS[args.rope_scaling["rope_type"]](config, "cpu")
+    return inv_freq.float(), float(scale)
+
+
+class RotaryEmbedding(nn.Module):
+    """cos/sin of the rotary embedding for given positions, computed in fp32 like transformers.
+
+    ``inv_freq`` is a non-persistent buffer derived from the arguments: it is recomputed (in fp32) whenever
+    the module is moved or cast, so ``to_empty`` and ``.to(bfloat16)`` leave it exact.
+    """
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.args = args
+        self.attention_scaling = 1.0
+        self.register_buffer("inv_freq", torch.empty(args.head_dim_ // 2), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        if self.inv_freq.is_meta:
+            return
+        inv_freq, self.attention_scaling = rope_inv_freq(self.args)
+        self.inv_freq = inv_freq.to(self.inv_freq.device)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.reset_parameters()
+        return self
+
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        scaling = self.args.rope_scaling
+        if scaling and scaling["rope_type"] == "dynamic" and position_ids.shape[-1] > self.args.max_position_embeddings:
+            raise ValueError(f"dynamic rope scaling is implemented up to max_position_embeddings="
+                             f"{self.args.max_position_embeddings}; got {position_ids.shape[-1]} positions")
+        freqs = position_ids[..., None].float() * self.inv_freq
+        angles = torch.cat((freqs, freqs), dim=-1)
+        return (angles.cos() * self.attention_scaling).to(dtype), (angles.sin() * self.attention_scaling).to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate ``x`` (batch, heads, seq, head_dim) by cos/sin of shape (batch, seq, head_dim)."""
+    return x * cos[:, None] + rotate_half(x) * sin[:, None]
+
+
+def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
+    """(batch, kv_heads, seq, d) → (batch, kv_heads·n_rep, seq, d); works with every SDPA backend."""
+    if n_rep == 1:
+        return x
+    b, h, s, d = x.shape
+    return x[:, :, None].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
+
+
+def build_attention_mask(padding_mask: torch.Tensor | None, seq_len: int, sliding_window: int | None,
+                         device: torch.device) -> torch.Tensor | None:
+    """Boolean (batch|1, 1, seq, seq) mask of allowed keys, or None when plain causal attention is exact.
+
+    ``padding_mask`` is the Hugging Face 2-D mask (1 = token, 0 = padding), or a boolean (batch, 1, seq, seq)
+    mask of allowed keys that is combined with causality (and the sliding window). A mask with only right padding
+    keeps the causal fast path: real tokens never see the padding after them (outputs at padding positions
+    are unspecified). Query rows that would see no key at all (left padding) attend to themselves, which
+    keeps them finite.
+    """
+    windowed = sliding_window is not None and seq_len > sliding_window
+    full_mask = padding_mask is not None and padding_mask.dim() == 4
+    if not windowed and not full_mask and (padding_mask is None or _is_right_padded(padding_mask)):
+        return None
+    index = torch.arange(seq_len, device=device)
+    allowed = index[None, :] <= index[:, None]
+    if windowed:
+        allowed &= index[None, :] > index[:, None] - sliding_window
+    allowed = allowed[None, None]
+    if full_mask:  # the caller's own (batch, 1, seq, seq) mask, e.g. per-document attention of packed data
+        return allowed & padding_mask.bool()
+    if padding_mask is not None:
+        allowed = allowed & padding_mask.bool()[:, None, None, :]
+        allowed = allowed | torch.eye(seq_len, dtype=torch.bool, device=device)
+    return allowed
+
+
+def _is_right_padded(padding_mask: torch.Tensor) -> bool:
+    mask = padding_mask.bool()
+    return bool((mask[:, 1:] <= mask[:, :-1]).all())
+
+
+class Attention(nn.Module):
+    """Multi-head attention with grouped key/value heads, rotary positions and ``scaled_dot_product_attention``."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        hidden, head_dim = args.hidden_size, args.head_dim_
+        self.head_dim = head_dim
+        self.q_proj = nn.Linear(hidden, args.num_attention_heads * head_dim, bias=args.qkv_bias)
+        self.k_proj = nn.Linear(hidden, args.n_kv_heads * head_dim, bias=args.qkv_bias)
+        self.v_proj = nn.Linear(hidden, args.n_kv_heads * head_dim, bias=args.qkv_bias)
+        self.o_proj = nn.Linear(args.num_attention_heads * head_dim, hidden, bias=args.o_bias)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        q, k, v = (proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
+                   for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        n_rep = q.shape[1] // k.shape[1]
+        out = F.scaled_dot_product_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), attn_mask=mask,
+                                             is_causal=mask is None)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
+class MLP(nn.Module):
+    """SwiGLU feed-forward: down(silu(gate(x)) · up(x))."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        hidden, inner = args.hidden_size, args.intermediate_size
+        self.gate_proj = nn.Linear(hidden, inner, bias=args.mlp_bias)
+        self.up_proj = nn.Linear(hidden, inner, bias=args.mlp_bias)
+        self.down_proj = nn.Linear(inner, hidden, bias=args.mlp_bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    """Pre-norm residual block: attention, then MLP."""
+
+    def __init__(self, args: ModelArgs):
+        super().__init__()
+        self.self_attn = Attention(args)
+        self.mlp = MLP(args)
+        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))

@@ -1,0 +1,117 @@
+"""Where metrics go: console, JSONL, CSV, TensorBoard, wandb. Sinks live on rank 0 only."""
+from __future__ import annotations
+
+import csv
+import json
+import logging
+import os
+
+from collie.errors import ConfigError
+
+logger = logging.getLogger("collie")
+
+
+class Sink:
+    def write(self, step: int, metrics: dict) -> None: ...
+    def close(self) -> None: ...
+
+
+class JsonlSink(Sink):
+    """``metrics.jsonl``: one JSON object per logged step, what scripts and comparisons read."""
+
+    def __init__(self, output_dir: str, filename: str = "metrics.jsonl"):
+        self.file = open(os.path.join(output_dir, filename), "a")
+
+    def write(self, step, metrics):
+        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+        self.file.flush()
+
+    def close(self):
+        self.file.close()
+
+
+class CsvSink(Sink):
+    """``metrics.csv`` with the columns of the first logged step (later new keys are ignored)."""
+
+    def __init__(self, output_dir: str):
+        self.path = os.path.join(output_dir, "metrics.csv")
+        self.file, self.writer = None, None
+
+    def write(self, step, metrics):
+        row = {"step": step, **metrics}
+        if self.writer is None:
+            self.file = open(self.path, "a", newline="")
+            self.writer = csv.DictWriter(self.file, fieldnames=list(row), extrasaction="ignore")
+            if self.file.tell() == 0:
+                self.writer.writeheader()
+        self.writer.writerow(row)
+        self.file.flush()
+
+    def close(self):
+        if self.file:
+            self.file.close()
+
+
+class ConsoleSink(Sink):
+    """A compact line per logged step through the ``collie`` logger."""
+
+    KEYS = [("loss", "loss {:.4f}"), ("lr", "lr {:.2e}"), ("grad_norm", "gnorm {:.3f}"),
+            ("tokens_per_s_per_gpu", "{:,.0f} tok/s/dev"), ("mfu", "mfu {:.1%}"), ("peak_mem_gib", "mem {:.2f} GiB"),
+            ("step_time_s", "{:.3f} s/step")]
+
+    def write(self, step, metrics):
+        parts = [fmt.format(metrics[k]) for k, fmt in self.KEYS if metrics.get(k) is not None]
+        extra = [f"{k} {v:.4g}" for k, v in metrics.items()
+                 if k.startswith("eval/") and isinstance(v, (int, float))]
+        logger.info("step %d | %s", step, " | ".join(parts + extra))
+
+
+class TensorBoardSink(Sink):
+    def __init__(self, output_dir: str):
+        writer_cls = _import_extra("torch.utils.tensorboard", "SummaryWriter", "tensorboard")
+        self.writer = writer_cls(log_dir=os.path.join(output_dir, "tensorboard"))
+
+    def write(self, step, metrics):
+        for key, value in metrics.items():
+            if isinstance(value, (int, float)):
+                self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+
+    def close(self):
+        self.writer.close()
+
+
+class WandbSink(Sink):
+    """wandb run in ``output_dir``; offline unless ``WANDB_MODE`` says otherwise (no network by default)."""
+
+    def __init__(self, output_dir: str, project: str, config: dict):
+        wandb = _import_extra("wandb", None, "wandb")
+        self.run = wandb.init(project=project, dir=output_dir, config=config,
+                              mode=os.environ.get("WANDB_MODE", "offline"))
+
+    def write(self, step, metrics):
+        self.run.log({k: v for k, v in metrics.items() if v is not None}, step=step)
+
+    def close(self):
+        self.run.finish()
+
+
+def _import_extra(module: str, attr: str | None, extra: str):
+    import importlib
+    try:
+        mod = importlib.import_module(module)
+        return getattr(mod, attr) if attr else mod
+    except ImportError:
+        raise ConfigError(f"monitor.sinks: '{extra}' needs the {extra} package; install it with "
+                          f"pip install -e '.[{extra}]'") from None
+
+
+def build_sinks(cfg, output_dir: str) -> list[Sink]:
+    factories = {
+        "console": lambda: ConsoleSink(),
+        "jsonl": lambda: JsonlSink(output_dir),
+        "csv": lambda: CsvSink(output_dir),
+        "tensorboard": lambda: TensorBoardSink(output_dir),
+        "wandb": lambda: WandbSink(output_dir, cfg.monitor.wandb_project, cfg.to_dict()),
+    }
+    return [factories[name]() for name in cfg.monitor.sinks]

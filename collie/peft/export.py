@@ -1,0 +1,161 @@
+"""LoRA adapters in the Hugging Face peft format, and merging them into the base weights.
+
+A saved adapter is a directory that ``peft.PeftModel.from_pretrained(transformers_model, directory)`` loads:
+``adapter_config.json`` (peft's ``LoraConfig``) and ``adapter_model.safetensors`` with peft's key names
+(``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``). Module names are mapped to the
+architecture's Hugging Face names with the model class's ``hf_source`` (identity for Llama, Mistral, Qwen2).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor
+
+from collie.errors import CheckpointError
+from collie.models import from_pretrained, save_pretrained
+from collie.models.hf_io import atomic_directory
+from collie.peft.lora import apply_lora, lora_parameters, merge_lora
+
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+PEFT_PREFIX = "base_model.model."
+_FACTORS = (".lora_A.weight", ".lora_B.weight")
+# adapter_config.json settings collie's LoRA does not implement, with the value it needs
+_UNSUPPORTED = {"use_dora": False, "use_rslora": False, "bias": "none", "fan_in_fan_out": False,
+                "rank_pattern": {}, "alpha_pattern": {}, "layers_to_transform": None, "modules_to_save": None}
+
+
+def lora_state_dict(model) -> dict[str, torch.Tensor]:
+    """Full CPU tensors of the model's LoRA factors, by collie name. Under tensor parallel or ZeRO this
+    gathers the shards: a collective that every rank of the model's mesh must call."""
+    return {name: (p.full_tensor() if isinstance(p, DTensor) else p).detach().cpu()
+            for name, p in lora_parameters(model).items()}
+
+
+def save_adapter(model, directory, base_model_dir=None, state_dict: dict | None = None) -> None:
+    """Write ``model``'s LoRA adapter as a peft directory, atomically. ``state_dict``: full tensors to save
+    instead of the model's own (e.g. ``collie.distributed.gather_full_state_dict`` on rank 0, where ``model``
+    may be one pipeline stage); only its LoRA entries are used."""
+    spec = _lora_spec(model)
+    state = lora_state_dict(model) if state_dict is None else \
+        {k: v for k, v in state_dict.items() if k.endswith(_FACTORS)}
+    tensors = {_peft_key(model, name): t.detach().cpu().contiguous() for name, t in state.items()}
+    targets = sorted({key.rsplit(".", 3)[1] for key in tensors})  # "….q_proj.lora_A.weight" -> "q_proj"
+    config = _peft_config(spec, targets, base_model_dir)
+    with atomic_directory(directory, replace=(ADAPTER_CONFIG, ADAPTER_WEIGHTS)) as tmp:
+        (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        save_file(tensors, tmp / ADAPTER_WEIGHTS, metadata={"format": "pt"})
+
+
+def _lora_spec(model):
+    if not hasattr(model, "lora_spec"):
+        raise CheckpointError("the model has no LoRA adapter to save; apply one with collie.peft.apply_lora")
+    return model.lora_spec
+
+
+def _hf_module(model, name: str) -> str:
+    """The Hugging Face name of collie module ``name`` (a linear)."""
+    key, transform = type(model).hf_source(f"{name}.weight", model.args)
+    if transform is not None:
+        raise CheckpointError(f"{name} is packed with other weights in {type(model).hf_architecture} checkpoints "
+                              f"({key}), so its LoRA factors have no peft equivalent; merge the adapter "
+                              f"(collie.peft.merge_lora) and save the model instead")
+    return key.removesuffix(".weight")
+
+
+def _peft_key(model, name: str) -> str:
+    linear, factor = name.rsplit(".", 2)[0], ".".join(name.rsplit(".", 2)[1:])
+    return f"{PEFT_PREFIX}{_hf_module(model, linear)}.{factor}"
+
+
+def _peft_config(spec, targets: list[str], base_model_dir) -> dict:
+    """adapter_config.json content, built by peft's own LoraConfig so every field peft expects is present;
+    ``targets`` are Hugging Face module names."""
+    import peft
+    alpha = int(spec.alpha) if float(spec.alpha).is_integer() else spec.alpha
+    config = peft.LoraConfig(task_type="CAUSAL_LM", r=spec.r, lora_alpha=alpha, lora_dropout=spec.dropout,
+                             target_modules=targets, bias="none",
+                             base_model_name_or_path=None if base_model_dir is None else str(base_model_dir))
+    return config.to_dict() | {"target_modules": targets}
+
+
+# --- loading and merging ---------------------------------------------------------------------------------
+
+def load_adapter(model, directory) -> list[str]:
+    """Apply the LoRA adapter saved in ``directory`` (peft format, e.g. from ``save_adapter``) to ``model`` and
+    load its weights. Returns the adapted linears' names."""
+    directory = Path(directory)
+    config = _read_adapter_config(directory)
+    names = apply_lora(model, r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
+                       target_modules=_collie_targets(model, config["target_modules"]))
+    _load_factors(model, directory)
+    return names
+
+
+def _collie_targets(model, hf_targets: list[str]) -> list[str]:
+    """Collie names (last components) of Hugging Face target module names; unknown names pass through."""
+    names = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear):
+            key, transform = type(model).hf_source(f"{name}.weight", model.args)
+            if transform is None:
+                names[key.removesuffix(".weight").rsplit(".", 1)[-1]] = name.rsplit(".", 1)[-1]
+    return [names.get(t, t) for t in hf_targets]
+
+
+def _read_adapter_config(directory: Path) -> dict:
+    file = directory / ADAPTER_CONFIG
+    if not file.is_file():
+        raise CheckpointError(f"{file} not found: a peft adapter directory must contain {ADAPTER_CONFIG}")
+    config = json.loads(file.read_text())
+    if config.get("peft_type") != "LORA":
+        raise CheckpointError(f"{file}: peft_type={config.get('peft_type')!r}; collie loads LORA adapters (load "
+                              f"other types with peft.PeftModel.from_pretrained on a transformers model)")
+    for key, value in _UNSUPPORTED.items():
+        if config.get(key) not in (None, value):
+            raise CheckpointError(f"{file}: {key}={config[key]!r} is not supported by collie's LoRA (needs {value!r})")
+    if isinstance(config["target_modules"], str):
+        raise CheckpointError(f"{file}: target_modules is a regular expression; collie needs a list of names")
+    return config
+
+
+@torch.no_grad()
+def _load_factors(model, directory: Path) -> None:
+    tensors = load_file(directory / ADAPTER_WEIGHTS)
+    params = lora_parameters(model)
+    expected = {_peft_key(model, name): name for name in params}
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(f"{directory / ADAPTER_WEIGHTS} does not fit the model: missing {missing[:3]}, "
+                              f"unexpected {unexpected[:3]}")
+    for key, name in expected.items():
+        if tensors[key].shape != params[name].shape:
+            raise CheckpointError(f"{key}: adapter has {tuple(tensors[key].shape)}, model expects "
+                                  f"{tuple(params[name].shape)}")
+        params[name].copy_(tensors[key])
+
+
+def load_model_or_adapter(directory, device="cpu"):
+    """A collie model from a Hugging Face directory, or from a LoRA adapter directory together with the base
+    model its ``adapter_config.json`` names (what the Trainer's final save writes under PEFT)."""
+    directory = Path(directory)
+    if not (directory / ADAPTER_CONFIG).is_file():
+        return from_pretrained(directory, device=device)
+    base = _read_adapter_config(directory).get("base_model_name_or_path")
+    if not base or not Path(base).is_dir():
+        raise CheckpointError(f"{directory / ADAPTER_CONFIG}: base_model_name_or_path={base!r} is not a local "
+                              f"model directory; merge the adapter with `collie convert --merge BASE ADAPTER OUT`")
+    model = from_pretrained(base, device=device)
+    load_adapter(model, directory)
+    return model
+
+
+def merge_adapter(base_model_dir, adapter_dir, output_dir, dtype: torch.dtype | None = None) -> None:
+    """``collie convert --merge``: base Hugging Face model + peft LoRA adapter → merged Hugging Face model."""
+    model = from_pretrained(base_model_dir)
+    load_adapter(model, adapter_dir)
+    merge_lora(model)
+    save_pretrained(model, output_dir, dtype=dtype)

@@ -1,0 +1,121 @@
+"""Build the pieces a job needs from its config: device, tokenizer, model, datasets."""
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from collie.distributed.activation_checkpointing import apply_activation_checkpointing
+from collie.errors import ConfigError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device=cuda but no CUDA device is available; use train.device=cpu or auto")
+    if name == "cuda":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device(name)
+
+
+def build_model_args(model_cfg):
+    """The architecture: from the pretrained directory's config.json, else the card; then ``model.arch``."""
+    from collie.models import load_card, load_hf_config
+    args = load_hf_config(model_cfg.pretrained) if model_cfg.pretrained else load_card(model_cfg.card)
+    if model_cfg.arch:
+        from collie.schema import from_dict
+        merged = {**dataclasses.asdict(args), **model_cfg.arch}
+        args = from_dict(type(args), merged, "model.arch")
+    return args
+
+
+def build_model(cfg, args, ctx):
+    """The model on this rank: weights from ``model.pretrained`` or random init (the same values in every
+    layout), created on the meta device and materialized once, in its final placement."""
+    from collie.distributed import default_init_fn, parallelize
+    from collie.models import build_model as build_arch, from_pretrained
+    from collie.peft import apply_peft, lora_initial_state
+    dtype, m, seed = DTYPES[cfg.model.dtype], cfg.model, cfg.train.seed
+    ctx.validate_model(args)
+    if ctx.world_size == 1:
+        if m.pretrained:
+            model = from_pretrained(m.pretrained, device=ctx.device, dtype=dtype, args_overrides=m.arch or None)
+        else:
+            model = build_arch(args, device="meta")
+            model.to_empty(device=ctx.device)
+            model.init_weights(seed=seed)
+            model = model.to(dtype)
+        model = apply_peft(model, cfg.peft, seed)
+        apply_activation_checkpointing(model, m.activation_checkpointing, m.checkpoint_every)
+        return model
+    meta = apply_peft(build_arch(args, device="meta").to(dtype), cfg.peft, seed, ctx.world_size)
+    if m.pretrained:
+        base = lambda: from_pretrained(m.pretrained, device="cpu", dtype=dtype,  # noqa: E731
+                                       args_overrides=m.arch or None).state_dict()
+    else:
+        base = default_init_fn(type(meta), args, seed, dtype)
+    adapters = lora_initial_state(meta, seed) if cfg.peft.method == "lora" else {}
+    init = lambda: {**base(), **adapters}  # noqa: E731
+    return parallelize(meta, args, cfg.parallel, ctx, ctx.device, init_fn=init,
+                       activation_checkpointing=m.activation_checkpointing, checkpoint_every=m.checkpoint_every)
+
+
+def count_parameters(model, ctx) -> tuple[int, int]:
+    """(trainable, total) parameters of the whole model, not of this rank's shard or pipeline stage."""
+    from collie.peft import count_parameters as count
+    counts = torch.tensor([sum(c) for c in zip(*(count(part) for part in getattr(model, "parts", [model])))])
+    if ctx.pp > 1:
+        torch.distributed.all_reduce(counts, group=ctx.pp_group)
+    return int(counts[0]), int(counts[1])
+
+
+def save_hf_model(model, args, cfg, ctx, path: str) -> str | None:
+    """Write the trained model from any layout (a Hugging Face directory, or a peft adapter under PEFT; see
+    ``collie.peft.save_trained``): shards are gathered to global rank 0, which writes."""
+    from collie.peft import apply_peft, save_trained
+    if ctx.world_size == 1:
+        return save_trained(model, path, cfg.model.pretrained)
+    from collie.distributed import gather_full_state_dict
+    from collie.models import build_model as build_arch
+    from collie.trainer.checkpoint import barrier
+    state, written = gather_full_state_dict(model), None
+    if ctx.is_main_process:
+        full = apply_peft(build_arch(args, device="meta"), cfg.peft, cfg.train.seed, ctx.world_size)
+        written = save_trained(full, path, cfg.model.pretrained, state)
+    barrier()
+    return written
+
+
+def build_tokenizer(cfg):
+    from collie.data.tokenizer import load_tokenizer
+    path = cfg.data.tokenizer or cfg.model.pretrained
+    if path is None:
+        raise ConfigError("data.tokenizer is not set and model.pretrained is null: name a tokenizer directory "
+                          "or sentencepiece .model file")
+    return load_tokenizer(path)
+
+
+def check_vocab(tokenizer, args) -> None:
+    if tokenizer.vocab_size > args.vocab_size:
+        raise ConfigError(f"data.tokenizer has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+                          f"{args.vocab_size}; use a matching tokenizer or set model.arch.vocab_size")
+
+
+def build_dataset(cfg, tokenizer, files: list[str], args, is_main_process: bool = True, barrier=None):
+    """A tokenized dataset of the configured format, with its statistics (truncated / skipped records)."""
+    if cfg.data.seq_len > args.max_position_embeddings:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} exceeds the model's max_position_embeddings="
+                          f"{args.max_position_embeddings}")
+    if cfg.data.format == "pretrain":
+        from collie.data.pretrain import load_pretrain_dataset
+        d = cfg.data
+        return load_pretrain_dataset(files, tokenizer, d.seq_len, cache_dir=d.cache_dir, text_field=d.text_field,
+                                     txt_documents=d.txt_documents, document_masking=d.document_masking,
+                                     skip_malformed=d.skip_malformed, is_main_process=is_main_process,
+                                     barrier=barrier)
+    from collie.data.instruction import load_instruction_dataset
+    return load_instruction_dataset(files, tokenizer, cfg.data.seq_len, template=cfg.data.template,
+                                    pack=cfg.data.pack)

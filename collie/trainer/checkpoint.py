@@ -1,0 +1,263 @@
+"""Training checkpoints: model, optimizer, scheduler, data position, trainer state and RNG.
+
+Tensors are written with ``torch.distributed.checkpoint`` (DCP) keyed by parameter name, so a checkpoint saved
+at one dp/tp/pp layout loads at another: DCP reshards DTensor (tensor-parallel, FSDP) shards by name, and each
+pipeline stage reads only the names it holds. A checkpoint is written into ``.tmp-step-N`` and renamed to
+``step-N`` once every rank has finished, so a crash while saving leaves the previous checkpoints loadable and
+the partial directory is removed at the next start. Nothing is unpickled on load: JSON for the trainer
+state, ``weights_only`` for RNG states.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import re
+import shutil
+import warnings
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
+
+from collie.errors import CheckpointError
+
+logger = logging.getLogger("collie")
+STEP_DIR = re.compile(r"^step-(\d{8})$")
+STATE_FILE = "trainer_state.json"
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def _rank() -> int:
+    return dist.get_rank() if _distributed() else 0
+
+
+@contextlib.contextmanager
+def _single_process_quiet():
+    """DCP warns on every call without a process group; one process is a supported use here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
+def barrier() -> None:
+    if _distributed():
+        dist.barrier()
+
+
+# --- what goes into a checkpoint --------------------------------------------------------------------------
+
+def model_state(parts) -> dict:
+    """Parameters (and persistent buffers) of all model parts on this rank, by fully qualified name."""
+    state = {}
+    for part in parts:
+        state.update(part.state_dict())
+    return state
+
+
+def _param_names(parts) -> dict:
+    return {param: name for part in parts for name, param in part.named_parameters()}
+
+
+def init_optimizer_state(optimizer) -> None:
+    """Create the optimizer's lazily-built state (so that it can be loaded into) without changing weights."""
+    if any(optimizer.state.values()) or getattr(optimizer, "fused_backward", False):
+        return
+    from torch.distributed.checkpoint.state_dict import _init_optim_state
+    _init_optim_state(optimizer)
+
+
+def optimizer_state(parts, optimizer) -> tuple[dict, dict]:
+    """The optimizer's tensors keyed by parameter name, and its other settings as JSON-able data.
+
+    Keys by name (not by position) so that the state follows its parameter to another layout. On ZeRO-1 a rank
+    holds state only for the parameters it owns, which DCP stores once. Only tensors go through DCP, whose
+    loader would unpickle anything else.
+    """
+    names = _param_names(parts)
+    tensors, scalars = {}, {}
+    for param, state in optimizer.state.items():
+        if param in names:
+            tensors[names[param]] = {k: v for k, v in state.items() if torch.is_tensor(v)}
+            scalars[names[param]] = {k: v for k, v in state.items() if not torch.is_tensor(v)}
+    groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    return tensors, {"param_groups": groups, "scalars": scalars}
+
+
+def load_optimizer_extras(parts, optimizer, extras: dict) -> None:
+    """Restore what ``optimizer_state`` put in JSON (the tensors were loaded in place by DCP)."""
+    names = _param_names(parts)
+    for param, state in optimizer.state.items():
+        state.update(extras["scalars"].get(names.get(param), {}))
+    for group, saved in zip(optimizer.param_groups, extras["param_groups"]):
+        group.update({k: tuple(v) if isinstance(group.get(k), tuple) else v for k, v in saved.items()})
+
+
+# --- the manager ------------------------------------------------------------------------------------------
+
+class CheckpointManager:
+    """Saves ``step-N`` directories under ``root``, keeps the newest ``keep_last``, finds the latest one."""
+
+    def __init__(self, root: str, keep_last: int = 2):
+        self.root, self.keep_last = root, keep_last
+
+    def complete_checkpoints(self) -> list[str]:
+        if not os.path.isdir(self.root):
+            return []
+        names = sorted(n for n in os.listdir(self.root) if STEP_DIR.match(n)
+                       and os.path.exists(os.path.join(self.root, n, STATE_FILE)))
+        return [os.path.join(self.root, n) for n in names]
+
+    def latest(self) -> str | None:
+        found = self.complete_checkpoints()
+        return found[-1] if found else None
+
+    def remove_partial(self) -> None:
+        """Delete directories left by a save that did not finish (main process only)."""
+        if _rank() == 0 and os.path.isdir(self.root):
+            for name in os.listdir(self.root):
+                if name.startswith(".tmp-"):
+                    logger.warning("removing partial checkpoint %s", os.path.join(self.root, name))
+                    shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
+        barrier()
+
+    def save(self, step: int, tensors: dict, trainer_state: dict) -> str:
+        """Write a checkpoint collectively (every rank calls this); returns the final directory."""
+        final = os.path.join(self.root, f"step-{step:08d}")
+        tmp = os.path.join(self.root, f".tmp-step-{step:08d}")
+        if _rank() == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+        barrier()
+        with _single_process_quiet():
+            dcp.save(tensors, checkpoint_id=tmp, no_dist=not _distributed())
+        torch.save(rng_state(), os.path.join(tmp, f"rng_rank{_rank()}.pt"))
+        barrier()
+        if _rank() == 0:
+            with open(os.path.join(tmp, STATE_FILE), "w") as f:
+                json.dump(trainer_state, f, indent=1, default=_jsonable)
+            if os.path.exists(final):
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            self._prune()
+        barrier()
+        return final
+
+    def _prune(self) -> None:
+        for old in self.complete_checkpoints()[:-self.keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def load(self, path: str, tensors: dict) -> dict:
+        """Load tensors in place into ``tensors`` (same structure as saved) and return the trainer state."""
+        state_file = os.path.join(path, STATE_FILE)
+        if not os.path.isfile(state_file):
+            raise CheckpointError(f"{path} is not a complete collie checkpoint: {STATE_FILE} is missing "
+                                  f"(complete ones in {self.root}: {[os.path.basename(p) for p in self.complete_checkpoints()]})")
+        try:
+            with open(state_file) as f:
+                state = json.load(f)
+            with _single_process_quiet():
+                dcp.load(tensors, checkpoint_id=path, no_dist=not _distributed())
+        except (CheckpointException, json.JSONDecodeError, RuntimeError, ValueError, KeyError, OSError) as e:
+            raise CheckpointError(f"cannot load checkpoint {path}: {_root_cause(e)}") from None
+        rng_file = os.path.join(path, f"rng_rank{_rank()}.pt")
+        if os.path.exists(rng_file):
+            set_rng_state(torch.load(rng_file, weights_only=True))
+        return state
+
+
+def _root_cause(error: Exception) -> str:
+    """The last line of a (possibly multi-rank, traceback-laden) DCP error: the actual reason."""
+    lines = [line for line in str(error).splitlines() if line.strip()]
+    return lines[-1][:500] if lines else type(error).__name__
+
+
+def _jsonable(value):
+    if torch.is_tensor(value) and value.numel() == 1:
+        return value.item()
+    raise TypeError(f"{type(value).__name__} in the trainer state is not JSON-serializable")
+
+
+def _tensors(trainer) -> dict:
+    optim_tensors, _ = optimizer_state(trainer.model_parts, trainer.optimizer)
+    return {"model": model_state(trainer.model_parts), "optim": optim_tensors}
+
+
+def _loss_scaler(trainer):
+    """The fused optimizer's loss scaler, else the trainer's GradScaler (either may be disabled)."""
+    return getattr(trainer.optimizer, "loss_scaler", None) or trainer.scaler
+
+
+def save_trainer(trainer) -> str:
+    """A checkpoint of everything the trainer needs to continue exactly where it is."""
+    _, optim_extras = optimizer_state(trainer.model_parts, trainer.optimizer)
+    state = {"trainer": vars(trainer.state), "scheduler": trainer.scheduler.state_dict(),
+             "data": trainer.batches.state_dict(), "optimizer": optim_extras,
+             "loss_scaler": _loss_scaler(trainer).state_dict(),
+             "model_args": dataclasses.asdict(trainer.model_args), "config": trainer.cfg.to_dict(),
+             "layout": {"dp": trainer.ctx.dp, "tp": trainer.ctx.tp, "pp": trainer.ctx.pp}}
+    return trainer.checkpointer.save(trainer.state.step, _tensors(trainer), state)
+
+
+def resume_trainer(trainer) -> None:
+    """Continue from ``checkpoint.resume`` (a directory, or 'auto' for the latest one, if any) — also when the
+    checkpoint was saved at another dp/tp/pp layout."""
+    manager, resume = trainer.checkpointer, trainer.cfg.checkpoint.resume
+    manager.remove_partial()
+    path = manager.latest() if resume == "auto" else resume
+    if path is None:
+        if resume == "auto":
+            logger.info("checkpoint.resume=auto: no checkpoint in %s, starting from scratch", manager.root)
+        return
+    init_optimizer_state(trainer.optimizer)
+    tensors = _tensors(trainer)
+    state = manager.load(path, tensors)
+    for part in trainer.model_parts:  # DCP loaded in place; this also re-ties shared weights
+        names = part.state_dict().keys()
+        part.load_state_dict({k: v for k, v in tensors["model"].items() if k in names})
+    load_optimizer_extras(trainer.model_parts, trainer.optimizer, state["optimizer"])
+    trainer.scheduler.load_state_dict(state["scheduler"])
+    if state.get("loss_scaler"):
+        _loss_scaler(trainer).load_state_dict(state["loss_scaler"])
+    trainer.batches.load_state_dict(state["data"])
+    trainer.state = type(trainer.state)(**state["trainer"])
+    logger.info("resumed from %s (saved at %s) at step %d", path, state.get("layout"), trainer.state.step)
+
+
+def rng_state() -> dict:
+    state = {"cpu": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+
+
+def export_to_hf(checkpoint_dir: str, out_dir: str, dtype: torch.dtype | None = None) -> None:
+    """Write the model of a training checkpoint (saved at any layout) as a Hugging Face directory."""
+    from collie.models import ModelArgs, build_model
+    from collie.schema import from_dict
+    state_file = os.path.join(checkpoint_dir, STATE_FILE)
+    if not os.path.isfile(state_file):
+        raise CheckpointError(f"{checkpoint_dir} is not a collie checkpoint: {STATE_FILE} is missing")
+    with open(state_file) as f:
+        args = from_dict(ModelArgs, json.load(f)["model_args"], f"{state_file}: model_args")
+    model = build_model(args, device="cpu")
+    tensors = {"model": model.state_dict()}
+    try:
+        with _single_process_quiet():
+            dcp.load(tensors, checkpoint_id=checkpoint_dir, no_dist=True)
+    except (CheckpointException, RuntimeError, ValueError, OSError) as e:
+        raise CheckpointError(f"cannot load checkpoint {checkpoint_dir}: {_root_cause(e)}") from None
+    model.load_state_dict(tensors["model"])
+    model.save_pretrained(out_dir, dtype=dtype)

@@ -1,0 +1,1 @@
+"""Model cards: architecture presets (ModelArgs fields) installed as the package ``collie.cards``."""

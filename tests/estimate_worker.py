@@ -1,0 +1,229 @@
+"""One rank of the distributed estimate checks (tests/test_estimate.py launches two on gloo).
+
+Communication scenarios: build a tiny Llama in a layout, run one warm-up step (lazy initialisation, pipeline
+shape inference), then count the collectives of one training step with ``count_collective_bytes`` and report
+them with this rank's coordinates; the scenarios not named "collie_*" need nothing from ``collie.distributed``
+(a hand-written gradient all-reduce, torch DDP, a DTensor colwise/rowwise MLP, LOMO's per-gradient
+all-reduce). Memory scenarios ("memory_*"): the peak bytes of one step (after a warm-up step) from the
+profiler's allocation events, plus the resident local parameters and optimizer state.
+"""
+from __future__ import annotations
+
+import os
+import sys
+
+import torch
+import torch.distributed as dist
+
+from collie.distributed.launch import write_rank_result
+from collie.estimate.counting import count_collective_bytes
+from collie.models import ModelArgs, build_model
+from collie.trainer.loss import causal_lm_loss_sum
+
+BATCH, SEQ = 4, 16
+ARGS = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+            num_key_value_heads=2, max_position_embeddings=64)
+
+# name -> collie ParallelConfig fields (+ "precision": autocast dtype, "grad_accum": micro-batches per step)
+COLLIE_LAYOUTS = {
+    "collie_dp2": {"dp": 2},
+    "collie_dp2_ga2": {"dp": 2, "grad_accum": 2},
+    "collie_zero1": {"dp": 2, "zero_stage": 1},
+    "collie_zero2": {"dp": 2, "zero_stage": 2},
+    "collie_zero2_ga2": {"dp": 2, "zero_stage": 2, "grad_accum": 2},
+    "collie_zero3": {"dp": 2, "zero_stage": 3},
+    "collie_tp2": {"tp": 2},
+    "collie_tp2_sp": {"tp": 2, "sequence_parallel": True},
+    "collie_tp2_sp_autocast": {"tp": 2, "sequence_parallel": True, "precision": "bf16"},
+    "collie_pp2_1f1b": {"pp": 2, "pp_microbatches": 2},
+    "collie_pp2_gpipe": {"pp": 2, "pp_schedule": "gpipe", "pp_microbatches": 4},
+    "collie_pp2_interleaved": {"pp": 2, "pp_schedule": "interleaved_1f1b", "pp_microbatches": 4},
+}
+HARNESS_KEYS = ("precision", "grad_accum")
+
+
+def batch(seed: int = 0):
+    ids = torch.randint(0, ARGS["vocab_size"], (BATCH, SEQ), generator=torch.Generator().manual_seed(seed))
+    return ids, ids.clone()
+
+
+def world_groups() -> dict:
+    return {"dp": dist.group.WORLD}
+
+
+def counted(step, groups, warmup: int = 1) -> dict:
+    """Run ``step`` ``warmup`` times, then once more under the counter; the counter's summary."""
+    for _ in range(warmup):
+        step()
+    with count_collective_bytes(groups) as counter:
+        step()
+    return {"payload": {f"{g}/{k}": v for (g, k), v in counter.payload_bytes().items()},
+            "control_calls": sum(1 for r in counter.records if r.is_control)}
+
+
+# --- without collie.distributed --------------------------------------------------------------------------
+
+def manual_allreduce() -> dict:
+    """DDP by hand: all-reduce every gradient after backward."""
+    model = build_model(ModelArgs(**ARGS), device="cpu", seed=0)
+    ids, labels = batch(dist.get_rank())
+
+    def step():
+        causal_lm_loss_sum(model(ids), labels).backward()
+        for p in model.parameters():
+            dist.all_reduce(p.grad)
+        model.zero_grad(set_to_none=True)
+    return counted(step, world_groups())
+
+
+def torch_ddp() -> dict:
+    """torch DDP: bucketed gradient all-reduce, plus a broadcast of the module buffers every forward (control
+    traffic here: 8 floats of rotary inv_freq). Two warm-up steps: DDP rebuilds its buckets in the second
+    (broadcasting the new bucket layout), a one-time overhead excluded like the initial parameter broadcast."""
+    model = build_model(ModelArgs(**ARGS), device="cpu", seed=0)
+    model = torch.nn.parallel.DistributedDataParallel(model, bucket_cap_mb=0.1)
+    ids, labels = batch(dist.get_rank())
+
+    def step():
+        causal_lm_loss_sum(model(ids), labels).backward()
+        model.zero_grad(set_to_none=True)
+    return counted(step, world_groups(), warmup=2)
+
+
+def dtensor_mlp() -> dict:
+    """The SwiGLU MLP with gate/up column-parallel and down row-parallel over 2 ranks."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    from collie.models.components import MLP
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    mlp = parallelize_module(MLP(ModelArgs(**ARGS)), mesh, {"gate_proj": ColwiseParallel(),
+                                                           "up_proj": ColwiseParallel(),
+                                                           "down_proj": RowwiseParallel()})
+    x = torch.randn(BATCH, SEQ, ARGS["hidden_size"], requires_grad=True, generator=torch.Generator().manual_seed(0))
+
+    def step():
+        mlp(x).sum().backward()
+    return counted(step, {"tp": mesh.get_group()})
+
+
+def lomo_dp2_clip() -> dict:
+    """LOMO with clip_grad_norm: a norm backward then an update backward, each all-reducing every gradient."""
+    from collie.optim import Lomo
+    model = build_model(ModelArgs(**ARGS), device="cpu", seed=0)
+    optimizer = Lomo(model.parameters(), lr=1e-3, clip_grad_norm=1.0)
+    optimizer.setup_training(dp_group=dist.group.WORLD, grad_reduce="sum")
+    ids, labels = batch(dist.get_rank())
+
+    def step():
+        optimizer.backward(causal_lm_loss_sum(model(ids), labels) / ids.numel())
+        optimizer.step()
+    return counted(step, world_groups())
+
+
+# --- collie.distributed layouts --------------------------------------------------------------------------
+
+def collie_layout(layout: dict) -> dict:
+    from collie.config import ParallelConfig
+    from collie.distributed import default_init_fn, init_parallel, parallelize, vocab_parallel_loss_sum
+    from collie.models import get_model_class
+    from collie.optim.registry import adamw
+    cfg = ParallelConfig(**{"timeout_s": 60, **{k: v for k, v in layout.items() if k not in HARNESS_KEYS}})
+    ctx = init_parallel(cfg, "cpu")
+    args = ModelArgs(**ARGS)
+    pm = parallelize(build_model(args, device="meta"), args, cfg, ctx, ctx.device,
+                     init_fn=default_init_fn(get_model_class(args.architecture), args, seed=0))
+    optimizer = adamw(pm.parameters(), lr=1e-3)
+    pm.prepare_optimizer(optimizer)
+    ids, labels = batch(ctx.dp_rank)
+    accum = layout.get("grad_accum", 1)
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=layout.get("precision") == "bf16")
+
+    def step():
+        for i, (mb_ids, mb_labels) in enumerate(zip(ids.chunk(accum), labels.chunk(accum))):
+            if pm.runner is not None:
+                pm.runner.step(mb_ids, mb_labels, loss_denominator=float(ids.numel()))
+                continue
+            pm.set_gradient_sync(i == accum - 1)
+            with autocast:
+                logits = pm(mb_ids)
+            (vocab_parallel_loss_sum(logits, mb_labels) / ids.numel()).backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    groups = {"dp": ctx.dp_group, "tp": ctx.tp_mesh.get_group(), "pp": ctx.pp_group}
+    groups = {name: groups[name] for name in ("dp", "tp", "pp") if getattr(ctx, name) > 1}
+    result = counted(step, groups)
+    result["pp_rank"] = ctx.pp_rank
+    return result
+
+
+# name -> layout of a memory scenario (a larger model so that activations matter)
+MEMORY_LAYOUTS = {"memory_dp2": {"dp": 2}, "memory_zero2": {"dp": 2, "zero_stage": 2},
+                  "memory_zero3": {"dp": 2, "zero_stage": 3}, "memory_tp2": {"tp": 2},
+                  "memory_tp2_sp": {"tp": 2, "sequence_parallel": True},
+                  "memory_pp2_1f1b": {"pp": 2, "pp_microbatches": 2},
+                  "memory_pp2_gpipe": {"pp": 2, "pp_schedule": "gpipe", "pp_microbatches": 4}}
+MEMORY_ARGS = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=8,
+                   num_key_value_heads=4, max_position_embeddings=512)
+MEMORY_BATCH, MEMORY_SEQ = 4, 64
+
+
+def collie_memory(layout: dict) -> dict:
+    from torch.profiler import ProfilerActivity, profile
+
+    from collie.config import ParallelConfig
+    from collie.distributed import default_init_fn, init_parallel, parallelize, vocab_parallel_loss_sum
+    from collie.models import get_model_class
+    cfg = ParallelConfig(timeout_s=60, **layout)
+    ctx = init_parallel(cfg, "cpu")
+    args = ModelArgs(**MEMORY_ARGS)
+    pm = parallelize(build_model(args, device="meta"), args, cfg, ctx, ctx.device,
+                     init_fn=default_init_fn(get_model_class(args.architecture), args, seed=0))
+    optimizer = torch.optim.AdamW(pm.parameters(), lr=1e-3, foreach=False)  # no step temporaries to speak of
+    pm.prepare_optimizer(optimizer)
+    ids = torch.randint(0, args.vocab_size, (MEMORY_BATCH, MEMORY_SEQ), generator=torch.Generator().manual_seed(0))
+
+    def step():
+        if pm.runner is not None:
+            pm.runner.step(ids, ids, loss_denominator=float(ids.numel()))
+        else:
+            (vocab_parallel_loss_sum(pm(ids), ids) / ids.numel()).backward()  # as the Trainer does
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    step()
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted((e.start_ns(), e.nbytes()) for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+    current = peak = 0
+    for _, nbytes in events:
+        current += nbytes
+        peak = max(peak, current)
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in pm.parameters()]
+    local += [t.to_local() if hasattr(t, "to_local") else t for s in optimizer.state.values() for t in s.values()
+              if torch.is_tensor(t) and t.dim() > 0]
+    return {"peak_bytes": peak + sum(t.numel() * t.element_size() for t in local), "pp_rank": ctx.pp_rank}
+
+
+SCENARIOS = {"manual_allreduce": manual_allreduce, "torch_ddp": torch_ddp, "dtensor_mlp": dtensor_mlp,
+             "lomo_dp2_clip": lomo_dp2_clip,
+             **{name: (lambda layout=layout: collie_layout(layout)) for name, layout in COLLIE_LAYOUTS.items()},
+             **{name: (lambda layout=layout: collie_memory(layout)) for name, layout in MEMORY_LAYOUTS.items()}}
+
+
+def main(names: list[str]) -> None:
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    dist.init_process_group("gloo", rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
+    results = {}
+    for name in names:
+        try:
+            results[name] = SCENARIOS[name]()
+        except Exception as error:  # report it and go on with the next scenario
+            import traceback
+            results[name] = {"error": f"{type(error).__name__}: {error}\n{traceback.format_exc()[-2500:]}"}
+    write_rank_result(results)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:] or list(SCENARIOS))

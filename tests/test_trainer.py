@@ -1,0 +1,161 @@
+"""The one-process Trainer end to end on the shipped quickstart data and the tiny model."""
+import json
+import os
+
+import pytest
+import torch
+
+from collie.config import CollieConfig
+from collie.trainer import Callback, Trainer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+QUICKSTART = os.path.join(ROOT, "configs", "quickstart.yaml")
+SMALL = ["model.arch={num_hidden_layers: 2, hidden_size: 64, intermediate_size: 128}", "train.log_every=1",
+         "train.progress_bar=false", "checkpoint.save_final=false", "eval.max_batches=1", "eval.batch_size=8",
+         "optim.warmup_steps=0", "monitor.sinks=[jsonl]"]
+
+
+def config(tmp_path, *overrides):
+    cfg = CollieConfig.load(QUICKSTART, SMALL + [f"train.output_dir={tmp_path}", *overrides])
+    for attr in ("train_files", "eval_files"):
+        setattr(cfg.data, attr, [os.path.join(ROOT, f) for f in getattr(cfg.data, attr)])
+    cfg.data.tokenizer = os.path.join(ROOT, cfg.data.tokenizer)
+    return cfg
+
+
+def weights(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_training_writes_run_directory_and_loss_falls(tmp_path):
+    cfg = config(tmp_path, "train.max_steps=30", "checkpoint.save_final=true", "optim.lr=3e-3")
+    results = Trainer(cfg).fit()
+    rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+    train_rows = [r for r in rows if "loss" in r]
+    assert [r["step"] for r in train_rows] == list(range(1, 31))
+    for key in ("loss", "lr", "grad_norm", "step_time_s", "tokens_per_s_per_gpu", "peak_mem_gib"):
+        assert all(key in r for r in train_rows), key
+    assert sum(r["loss"] for r in train_rows[-5:]) < sum(r["loss"] for r in train_rows[:5])
+    assert {"perplexity", "exact_match"} <= set(results)
+    assert any("eval/perplexity" in r for r in rows)
+    assert (tmp_path / "config.yaml").exists() and (tmp_path / "train.log").exists()
+    assert CollieConfig.load(str(tmp_path / "config.yaml")).train.max_steps == 30
+    from transformers import AutoModelForCausalLM
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "final") is not None
+
+
+def test_gradient_accumulation_equals_larger_batch(tmp_path):
+    # eps 1e-5: with the default 1e-8, Adam turns float rounding in near-zero gradients into visible updates.
+    common = ["train.max_steps=3", "data.shuffle=false", "optim.args={eps: 1e-5}"]
+    big = Trainer(config(tmp_path / "a", *common, "train.micro_batch_size=8"))
+    big.fit()
+    accum = Trainer(config(tmp_path / "b", *common, "train.micro_batch_size=4", "train.grad_accum_steps=2"))
+    accum.fit()
+    for (name, a), b in zip(big.model.state_dict().items(), accum.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_activation_checkpointing_gives_the_same_training(tmp_path):
+    plain = Trainer(config(tmp_path / "a", "train.max_steps=2"))
+    plain.fit()
+    ckpt = Trainer(config(tmp_path / "b", "train.max_steps=2", "model.activation_checkpointing=full"))
+    ckpt.fit()
+    for (name, a), b in zip(plain.model.state_dict().items(), ckpt.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+class PoisonStep(Callback):
+    """Makes the logits of one step infinite, as an overflow would."""
+
+    def __init__(self, step):
+        self.step, self.handle = step, None
+
+    def on_step_begin(self, trainer):
+        if trainer.state.step + 1 == self.step:
+            self.handle = trainer.model.lm_head.register_forward_hook(lambda m, i, out: out * float("inf"))
+        elif self.handle:
+            self.handle.remove()
+            self.handle = None
+
+
+def test_nonfinite_step_is_skipped_without_touching_weights_or_optimizer(tmp_path):
+    snapshots = {}
+
+    class Snapshot(Callback):
+        def on_step_end(self, trainer, metrics):
+            snapshots[trainer.state.step] = (weights(trainer.model),
+                                             {k: v.clone() for k, v in trainer.optimizer.state_dict()["state"][0].items()})
+
+    trainer = Trainer(config(tmp_path, "train.max_steps=3"), callbacks=[PoisonStep(2), Snapshot()])
+    trainer.fit()
+    assert trainer.state.skipped_steps == 1
+    for key, value in snapshots[1][0].items():
+        assert torch.equal(value, snapshots[2][0][key]), key
+    for key, value in snapshots[1][1].items():
+        assert torch.equal(value, snapshots[2][1][key]), key
+    assert any(not torch.equal(v, snapshots[3][0][k]) for k, v in snapshots[2][0].items())
+
+
+def test_nonfinite_can_stop_the_run(tmp_path):
+    from collie.trainer import NonFiniteLossError
+    with pytest.raises(NonFiniteLossError, match="step 1"):
+        Trainer(config(tmp_path, "train.max_steps=2", "train.on_nonfinite=stop"), callbacks=[PoisonStep(1)]).fit()
+
+
+def test_bf16_autocast_and_callbacks_and_eval_fn_override(tmp_path):
+    events = []
+
+    class Recorder(Callback):
+        def on_train_begin(self, trainer): events.append("begin")
+        def on_step_end(self, trainer, metrics): events.append("step")
+        def on_evaluate(self, trainer, results): events.append(("eval", results["custom"]))
+        def on_train_end(self, trainer): events.append("end")
+
+    class MyTrainer(Trainer):
+        def eval_fn(self):
+            return {"custom": 1.5}
+
+    MyTrainer(config(tmp_path, "train.max_steps=2", "train.precision=bf16", "eval.every_steps=1"),
+              callbacks=[Recorder()]).fit()
+    # quickstart.yaml sets eval.before_training: the baseline evaluation comes before the first step
+    assert events == ["begin", ("eval", 1.5), "step", ("eval", 1.5), "step", ("eval", 1.5), "end"]
+
+
+@pytest.mark.parametrize("name", ["adamw", "lion", "adan", "sophia", "lomo", "adalomo"])
+def test_every_registered_optimizer_trains_through_the_trainer(tmp_path, name):
+    lr = {"adamw": 3e-3, "lion": 3e-4, "adan": 3e-3, "sophia": 3e-4, "lomo": 3e-2, "adalomo": 3e-2}[name]
+    losses = []
+
+    class Record(Callback):
+        def on_step_end(self, trainer, metrics):
+            losses.append(metrics["loss"])
+            assert all(p.grad is None for p in trainer.model.parameters()), "gradients outlived the step"
+
+    overrides = [f"optim.name={name}", f"optim.lr={lr}", "train.max_steps=12", "eval.before_training=false",
+                 "eval.metrics=[perplexity]", "train.micro_batch_size=16"]
+    if name == "sophia":
+        overrides.append("optim.args={update_every: 2}")
+    Trainer(config(tmp_path, *overrides), callbacks=[Record()]).fit()
+    assert sum(losses[-3:]) < sum(losses[:3]), losses
+
+
+def test_lora_training_trains_only_adapters_and_saves_a_loadable_adapter(tmp_path):
+    from collie.cli import main
+    from collie.peft import load_model_or_adapter
+    cfg = config(tmp_path, "train.max_steps=3", "checkpoint.save_final=true", "peft.method=lora", "peft.r=4",
+                 "optim.lr=1e-2", "eval.metrics=[perplexity]")
+    trainer = Trainer(cfg)
+    before = weights(trainer.model)
+    trainer.fit()
+    after = weights(trainer.model)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(".lora_B." in k or ".lora_A." in k for k in changed)
+    assert 0 < trainer.num_trainable < trainer.num_params
+    final = tmp_path / "final"
+    assert (final / "adapter_config.json").exists() and (final / "base_model" / "config.json").exists()
+    ids = torch.randint(0, 100, (2, 9))
+    trainer.model.eval()
+    torch.testing.assert_close(load_model_or_adapter(final)(ids), trainer.model(ids), rtol=1e-5, atol=1e-5)
+    assert main(["convert", str(final / "base_model"), str(tmp_path / "merged"), "--merge", str(final)]) == 0
+    from collie.models import from_pretrained
+    torch.testing.assert_close(from_pretrained(tmp_path / "merged")(ids), trainer.model(ids), rtol=1e-4, atol=1e-5)
