@@ -259,6 +259,9 @@ def _check_parallel(cfg: CollieConfig) -> None:
                           f"{n} pipeline micro-batches (parallel.pp_microbatches, default 2·pp)")
     if p.sequence_parallel and p.tp == 1:
         raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1")
+    if p.sequence_parallel and p.pp > 1 and cfg.data.seq_len % p.tp:
+        raise ConfigError(f"data.seq_len={cfg.data.seq_len} must be a multiple of parallel.tp={p.tp} with "
+                          f"sequence parallelism under pipeline parallelism (every batch is padded to seq_len)")
 
 
 def _check_optim(cfg: CollieConfig) -> None:

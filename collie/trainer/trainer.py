@@ -122,8 +122,13 @@ class Trainer:
                                           loss_scaler=DynamicLossScaler() if fp16 else None)
 
     def collate(self, samples):
-        """Pad a batch; under pipeline parallelism always to ``data.seq_len`` (stages fix their shapes)."""
-        pad_to = self.cfg.data.pad_to_multiple_of or (self.cfg.data.seq_len if self.ctx.pp > 1 else None)
+        """Pad a batch to its longest sample; under pipeline parallelism always to ``data.seq_len`` (stages fix
+        their shapes), under sequence parallelism to a multiple of tp (the sequence is split evenly)."""
+        pad_to = self.cfg.data.pad_to_multiple_of
+        if self.ctx.pp > 1:
+            pad_to = self.cfg.data.seq_len
+        elif self.cfg.parallel.sequence_parallel:
+            pad_to = math.lcm(pad_to or 1, self.ctx.tp)
         batch = pad_collate(samples, self.tokenizer.pad_token_id, pad_to)
         return {k: v.to(self.device) if torch.is_tensor(v) else v for k, v in batch.items()}
 
@@ -174,8 +179,10 @@ class Trainer:
         signal.signal(signal.SIGTERM, previous_handler)
         finished = self.state.step >= cfg.train.max_steps
         results = self.evaluate() if self.eval_dataset is not None and finished else {}
-        if finished and cfg.checkpoint.save_final:
+        every = cfg.checkpoint.every_steps
+        if finished and (cfg.checkpoint.save_final or (every and self.state.step % every == 0)):
             self.save_checkpoint()
+        if finished and cfg.checkpoint.save_final:
             self.save_model(os.path.join(self.output_dir, "final"))
         self.callbacks.fire("on_train_end", self)
         return results
