@@ -2,12 +2,14 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import torch
 
 from collie.distributed.activation_checkpointing import apply_activation_checkpointing
 from collie.errors import ConfigError
 
+logger = logging.getLogger("collie")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -35,7 +37,8 @@ def build_model_args(model_cfg):
 def build_model(cfg, args, ctx):
     """The model on this rank: weights from ``model.pretrained`` or random init (the same values in every
     layout), created on the meta device and materialized once, in its final placement."""
-    from collie.distributed import default_init_fn, parallelize
+    from collie.distributed import default_init_fn, load_full_state_dict, parallelize
+    from collie.distributed.hf_loading import load_hf_checkpoint
     from collie.models import build_model as build_arch, from_pretrained
     from collie.peft import apply_peft, lora_initial_state
     dtype, m, seed = DTYPES[cfg.model.dtype], cfg.model, cfg.train.seed
@@ -52,15 +55,18 @@ def build_model(cfg, args, ctx):
         apply_activation_checkpointing(model, m.activation_checkpointing, m.checkpoint_every)
         return model
     meta = apply_peft(build_arch(args, device="meta").to(dtype), cfg.peft, seed, ctx.world_size)
-    if m.pretrained:
-        base = lambda: from_pretrained(m.pretrained, device="cpu", dtype=dtype,  # noqa: E731
-                                       args_overrides=m.arch or None).state_dict()
-    else:
-        base = default_init_fn(type(meta), args, seed, dtype)
     adapters = lora_initial_state(meta, seed) if cfg.peft.method == "lora" else {}
-    init = lambda: {**base(), **adapters}  # noqa: E731
-    return parallelize(meta, args, cfg.parallel, ctx, ctx.device, init_fn=init,
-                       activation_checkpointing=m.activation_checkpointing, checkpoint_every=m.checkpoint_every)
+    options = dict(activation_checkpointing=m.activation_checkpointing, checkpoint_every=m.checkpoint_every)
+    if not m.pretrained:
+        base = default_init_fn(type(meta), args, seed, dtype)
+        return parallelize(meta, args, cfg.parallel, ctx, ctx.device, init_fn=lambda: {**base(), **adapters},
+                           **options)
+    model = parallelize(meta, args, cfg.parallel, ctx, ctx.device, **options)
+    read = load_hf_checkpoint(model, m.pretrained)  # each rank reads only its own shards
+    logger.info("rank %d read %.1f MiB of %s", ctx.rank, read / 2**20, m.pretrained)
+    if adapters:
+        load_full_state_dict(model, adapters)
+    return model
 
 
 def count_parameters(model, ctx) -> tuple[int, int]:

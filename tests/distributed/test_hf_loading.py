@@ -1,0 +1,54 @@
+"""A Hugging Face checkpoint (sharded safetensors written by transformers) loads straight into tp2×pp2 and
+dp2×tp2 ZeRO-3 placements: each rank reads about its share of the bytes, the loss of a batch equals
+transformers' (from its logits) and the gathered weights equal the checkpoint."""
+import os
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from collie.distributed.launch import run_distributed
+from collie.trainer.loss import causal_lm_loss_sum
+
+import hf_load_rank
+
+pytestmark = pytest.mark.distributed
+RANK_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf_load_rank.py")
+
+
+@pytest.fixture(scope="module")
+def hf_model(tmp_path_factory):
+    import transformers
+    config = transformers.LlamaConfig(vocab_size=96, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(config).eval()
+    path = tmp_path_factory.mktemp("hf")
+    model.save_pretrained(path, max_shard_size="60KB")  # several shards and an index
+    assert (path / "model.safetensors.index.json").exists()
+    return model, path
+
+
+@pytest.fixture(scope="module")
+def ranks(hf_model):
+    _, path = hf_model
+    return run_distributed(RANK_SCRIPT, 4, [path, *hf_load_rank.LAYOUTS], timeout_s=180)
+
+
+@pytest.mark.parametrize("layout", sorted(hf_load_rank.LAYOUTS))
+def test_loaded_layout_matches_transformers(layout, hf_model, ranks):
+    model, path = hf_model
+    ids = hf_load_rank.batch(model.config.vocab_size)
+    with torch.no_grad():
+        expected = causal_lm_loss_sum(model(ids).logits, ids).item()
+    assert ranks[0][layout]["loss_sum"] == pytest.approx(expected, rel=1e-5)
+    checkpoint = {}
+    for shard in path.glob("*.safetensors"):
+        checkpoint.update(load_file(shard))
+    gathered = ranks[0][layout]["weights"]
+    assert set(gathered) == set(checkpoint)
+    for key, value in checkpoint.items():
+        torch.testing.assert_close(torch.tensor(gathered[key]), value, rtol=0, atol=0, msg=key)
+    total = sum(v.numel() * v.element_size() for v in checkpoint.values())
+    for rank, result in enumerate(ranks):  # 4 ranks: each reads about a quarter (norms are read whole)
+        assert result[layout]["bytes_read"] < 0.4 * total, f"rank {rank} read {result[layout]['bytes_read']}/{total}"
