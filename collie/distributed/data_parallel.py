@@ -118,7 +118,8 @@ def clip_grad_norm_(params, max_norm: float, ctx, norm_type: float = 2.0) -> tor
 
     DTensor gradients (TP and/or ZeRO shards) are reduced over their mesh, plain ones (replicated) count once,
     and the per-stage norms are combined over pp. ``max_norm=inf`` only measures."""
-    grads = [p.grad for p in dict.fromkeys(params) if p.grad is not None]
+    params = [p for p in dict.fromkeys(params) if p.grad is not None]
+    grads = [p.grad for p in params]
     total = _stage_norm(grads, norm_type, ctx.device)
     if ctx.pp > 1:
         if math.isinf(norm_type):
@@ -127,8 +128,8 @@ def clip_grad_norm_(params, max_norm: float, ctx, norm_type: float = 2.0) -> tor
             total = total ** norm_type
             dist.all_reduce(total, group=ctx.pp_group)
             total = total ** (1.0 / norm_type)
-    if grads and not math.isinf(max_norm):
-        torch.nn.utils.clip_grads_with_norm_(grads, max_norm, total)
+    if params and not math.isinf(max_norm):
+        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)  # takes parameters, not gradients
     return total
 
 

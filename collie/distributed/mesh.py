@@ -151,8 +151,6 @@ def resolve_degrees(parallel_cfg, world: int) -> tuple[int, int, int]:
         hint = f"set parallel.dp={world // (tp * pp)} or " if world % (tp * pp) == 0 else ""
         raise ConfigError(f"world size {world} ≠ dp {dp} × tp {tp} × pp {pp} = {dp * tp * pp}; {hint}launch with "
                           f"--nproc_per_node {dp * tp * pp}")
-    if parallel_cfg.engine != "native":
-        raise ConfigError(f"parallel.engine={parallel_cfg.engine!r} is not available yet; use parallel.engine=native")
     return dp, tp, pp
 
 

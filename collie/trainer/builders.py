@@ -43,7 +43,7 @@ def build_model(cfg, args, ctx):
     from collie.peft import apply_peft, lora_initial_state
     dtype, m, seed = DTYPES[cfg.model.dtype], cfg.model, cfg.train.seed
     ctx.validate_model(args)
-    if ctx.world_size == 1:
+    if ctx.world_size == 1 or cfg.parallel.engine == "deepspeed":  # DeepSpeed partitions the full model itself
         if m.pretrained:
             model = from_pretrained(m.pretrained, device=ctx.device, dtype=dtype, args_overrides=m.arch or None)
         else:
@@ -87,7 +87,8 @@ def save_hf_model(model, args, cfg, ctx, path: str) -> str | None:
     from collie.distributed import gather_full_state_dict
     from collie.models import build_model as build_arch
     from collie.trainer.checkpoint import barrier
-    state, written = gather_full_state_dict(model), None
+    gather = getattr(model, "full_state_dict", None) or (lambda: gather_full_state_dict(model))
+    state, written = gather(), None
     if ctx.is_main_process:
         full = apply_peft(build_arch(args, device="meta"), cfg.peft, cfg.train.seed, ctx.world_size)
         written = save_trained(full, path, cfg.model.pretrained, state)

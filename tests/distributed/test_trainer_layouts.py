@@ -31,6 +31,11 @@ LAYOUTS = {
     "tp2": ["parallel.tp=2", "parallel.sequence_parallel=true"],
     "pp2": ["parallel.pp=2", "parallel.pp_microbatches=2"],
     "zero3": ["parallel.dp=2", "parallel.zero_stage=3", f"train.micro_batch_size={GLOBAL_BATCH // 2}"],
+    # DeepSpeed's ZeRO engine, the alternative to the native one (installed with the deepspeed / dev extras)
+    "deepspeed_zero1": ["parallel.engine=deepspeed", "parallel.zero_stage=1", f"train.micro_batch_size={GLOBAL_BATCH // 2}"],
+    "deepspeed_zero2_ga2": ["parallel.engine=deepspeed", "parallel.zero_stage=2", "train.grad_accum_steps=2",
+                            f"train.micro_batch_size={GLOBAL_BATCH // 4}"],
+    "deepspeed_zero3": ["parallel.engine=deepspeed", "parallel.zero_stage=3", f"train.micro_batch_size={GLOBAL_BATCH // 2}"],
 }
 
 
@@ -55,6 +60,8 @@ def reference(tmp_path_factory):
 
 @pytest.mark.parametrize("layout", sorted(LAYOUTS))
 def test_trainer_layout_matches_one_process(layout, reference, tmp_path):
+    if layout.startswith("deepspeed"):
+        pytest.importorskip("deepspeed")
     train(tmp_path, *LAYOUTS[layout], world=2)
     expected, _ = reference
     got = losses(tmp_path)

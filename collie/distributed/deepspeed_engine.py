@@ -1,0 +1,116 @@
+"""DeepSpeed's ZeRO engine as the alternative to collie's native data parallelism (``parallel.engine: deepspeed``).
+
+Data parallelism only (tp = pp = 1), with a classic optimizer from collie's registry: DeepSpeed partitions its
+state (ZeRO-1), gradients (2) and parameters (3), optionally offloaded to CPU. DeepSpeed averages gradients over
+the ranks while collie divides each rank's loss by the global token count (a sum), so the loss is scaled by the
+data-parallel degree before DeepSpeed's backward.
+"""
+from __future__ import annotations
+
+import torch
+
+from collie.errors import ConfigError
+
+
+def check_deepspeed_layout(cfg) -> None:
+    """Config-load check of what this engine supports."""
+    p = cfg.parallel
+    if p.engine != "deepspeed":
+        return
+    if p.tp > 1 or p.pp > 1:
+        raise ConfigError(f"parallel.engine=deepspeed runs data parallelism only (ZeRO stages 0-3); parallel.tp="
+                          f"{p.tp}, parallel.pp={p.pp} need parallel.engine=native")
+    if cfg.optim.name == "sophia":
+        raise ConfigError("optim.name=sophia refreshes its Hessian estimate from gradients that DeepSpeed "
+                          "partitions; with parallel.engine=deepspeed use adamw, lion or adan")
+    if cfg.optim.clip_grad_value:
+        raise ConfigError("optim.clip_grad_value is not applied by DeepSpeed (it clips by norm only); set it to 0 "
+                          "or use parallel.engine=native")
+    if cfg.peft.method not in ("none", "lora"):
+        raise ConfigError(f"peft.method={cfg.peft.method} runs in one process; with parallel.engine=deepspeed "
+                          f"use peft.method=none or lora")
+
+
+def _import_deepspeed():
+    try:
+        import deepspeed
+    except ImportError as e:
+        raise ConfigError("parallel.engine=deepspeed needs DeepSpeed: pip install -e '.[deepspeed]'") from e
+    # On CPU gloo does the collectives; DeepSpeed's shared-memory all-reduce kernel would first be compiled
+    # (a minute or two) for no use.
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    return deepspeed
+
+
+def deepspeed_config(cfg, dp: int) -> dict:
+    p, t = cfg.parallel, cfg.train
+    zero = {"stage": p.zero_stage}
+    if p.cpu_offload:
+        zero["offload_optimizer"] = {"device": "cpu"}
+        if p.zero_stage == 3:
+            zero["offload_param"] = {"device": "cpu"}
+    config = {"train_micro_batch_size_per_gpu": t.micro_batch_size, "gradient_accumulation_steps": t.grad_accum_steps,
+              "train_batch_size": t.micro_batch_size * t.grad_accum_steps * dp,
+              "gradient_clipping": cfg.optim.clip_grad_norm, "zero_optimization": zero,
+              "zero_allow_untested_optimizer": True, "steps_per_print": 2 ** 31, "wall_clock_breakdown": False}
+    if t.precision == "bf16":
+        config["bf16"] = {"enabled": True}
+    elif t.precision == "fp16":
+        config["fp16"] = {"enabled": True, "initial_scale_power": 16}
+    return config
+
+
+class DeepSpeedModel:
+    """A DeepSpeed engine seen through the interface the Trainer uses for ``ParallelModel``."""
+
+    runner = None
+
+    def __init__(self, engine, ctx):
+        self.engine, self.ctx = engine, ctx
+        self.parts = [engine.module]
+
+    def __call__(self, input_ids, position_ids=None, attention_mask=None):
+        return self.engine(input_ids, position_ids=position_ids, attention_mask=attention_mask)
+
+    def parameters(self):
+        return list(self.engine.module.parameters())
+
+    def named_parameters(self):
+        return list(self.engine.module.named_parameters())
+
+    def train(self, mode: bool = True):
+        self.engine.train(mode)
+        return self
+
+    def eval(self):
+        return self.train(False)
+
+    def backward(self, loss: torch.Tensor) -> None:
+        """Backward of one micro-batch, then DeepSpeed's step, which updates at the accumulation boundary."""
+        self.engine.backward(loss * self.ctx.dp, scale_wrt_gas=False)
+        self.engine.step()
+
+    def grad_norm(self) -> torch.Tensor:
+        norm = self.engine.get_global_grad_norm()
+        return torch.as_tensor(float("nan") if norm is None else float(norm))
+
+    def full_state_dict(self) -> dict:
+        """The whole model's state dict on every rank (ZeRO-3 parameters gathered one module at a time)."""
+        deepspeed = _import_deepspeed()
+        module = self.engine.module
+        with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):
+            return {k: v.detach().clone().cpu() for k, v in module.state_dict().items()}
+
+    def save(self, directory: str) -> None:
+        self.engine.save_checkpoint(directory, tag="deepspeed", save_latest=False)
+
+    def load(self, directory: str) -> None:
+        self.engine.load_checkpoint(directory, tag="deepspeed", load_module_strict=True)
+
+
+def build_deepspeed_model(model, optimizer, cfg, ctx) -> DeepSpeedModel:
+    """Wrap ``model`` (full weights on this rank) and its torch ``optimizer`` in a DeepSpeed engine."""
+    deepspeed = _import_deepspeed()
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=deepspeed_config(cfg, ctx.dp),
+                                           dist_init_required=False)
+    return DeepSpeedModel(engine, ctx)
