@@ -19,14 +19,17 @@ setup(
         "rich>=13",
         "peft>=0.13",
         "numpy",
+        "sacrebleu>=2",
+        "rouge-score>=0.1",
     ],
     extras_require={
         "tensorboard": ["tensorboard"],
         "wandb": ["wandb"],
         "deepspeed": ["deepspeed"],
         "data": ["pyarrow", "datasets"],
+        "bench": ["matplotlib"],
         "dev": ["pytest>=8", "lomo-optim", "lion-pytorch", "adan-pytorch", "tensorboard", "wandb", "pyarrow",
-                "datasets"],
+                "datasets", "matplotlib", "deepspeed"],
     },
     entry_points={"console_scripts": ["collie=collie.cli:main"]},
 )

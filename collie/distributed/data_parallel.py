@@ -19,14 +19,17 @@ import math
 import torch
 import torch.distributed as dist
 from torch.distributed._composable.replicate_with_fsdp import replicate
-from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
 from collie.errors import ConfigError
 
 
-def apply_data_parallel(model, dp_mesh, zero_stage: int, cpu_offload: bool = False) -> None:
-    """Wrap ``model`` (a whole model or a pipeline stage, possibly TP-sharded, possibly on meta) for ZeRO."""
+def apply_data_parallel(model, dp_mesh, zero_stage: int, cpu_offload: bool = False,
+                        compute_dtype: torch.dtype | None = None) -> None:
+    """Wrap ``model`` (a whole model or a pipeline stage, possibly TP-sharded, possibly on meta) for ZeRO.
+    ``compute_dtype`` (ZeRO-2/3 over fp32 master weights): parameters are gathered in it, gradients reduced
+    in fp32."""
     if cpu_offload and zero_stage < 2:
         raise ConfigError(f"parallel.cpu_offload=true needs parallel.zero_stage 2 or 3 (got {zero_stage}): "
                           f"offloading goes with FSDP's sharded parameters")
@@ -38,6 +41,8 @@ def apply_data_parallel(model, dp_mesh, zero_stage: int, cpu_offload: bool = Fal
         options = dict(mesh=dp_mesh, reshard_after_forward=zero_stage == 3)
         if cpu_offload:
             options["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
+        if compute_dtype is not None:
+            options["mp_policy"] = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
         for layer in model.model.layers.values():
             fully_shard(layer, **options)
         fully_shard(model, **options)

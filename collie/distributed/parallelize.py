@@ -76,11 +76,13 @@ class ParallelModel:
 
 def parallelize(model, args, parallel_cfg, ctx, device, init_fn: Callable[[], dict] | None = None,
                 activation_checkpointing: str = "none", checkpoint_every: int = 2,
-                loss_sum_fn: Callable = vocab_parallel_loss_sum) -> ParallelModel:
+                loss_sum_fn: Callable = vocab_parallel_loss_sum, compute_dtype: torch.dtype | None = None
+                ) -> ParallelModel:
     """Turn ``model`` (built on the meta device, in its final dtype) into this rank's parts, materialized on
     ``device``. ``init_fn()`` returns the full CPU state dict to start from; it is called on global rank 0
     only and broadcast. Without it the parts hold uninitialized memory: load weights with
-    ``load_full_state_dict`` (e.g. shard by shard from a Hugging Face checkpoint)."""
+    ``load_full_state_dict`` (e.g. shard by shard from a Hugging Face checkpoint). ``compute_dtype``: see
+    ``apply_data_parallel``."""
     ctx.validate_model(args)
     if ctx.pp > 1:
         parts, stage_ids = build_stage_models(model, parallel_cfg, ctx.pp_rank)
@@ -91,7 +93,7 @@ def parallelize(model, args, parallel_cfg, ctx, device, init_fn: Callable[[], di
             apply_tensor_parallel(part, ctx.tp_mesh, parallel_cfg.sequence_parallel, _plan_adapter(part))
         apply_activation_checkpointing(part, activation_checkpointing, checkpoint_every)
         if ctx.dp > 1:
-            apply_data_parallel(part, ctx.dp_mesh, parallel_cfg.zero_stage, parallel_cfg.cpu_offload)
+            apply_data_parallel(part, ctx.dp_mesh, parallel_cfg.zero_stage, parallel_cfg.cpu_offload, compute_dtype)
         elif parallel_cfg.cpu_offload:
             raise ConfigError("parallel.cpu_offload=true shards over the data-parallel group and needs dp > 1")
     for part in parts:

@@ -96,7 +96,7 @@ def _zero_moment(param, dim: int):
                               shape=torch.Size(full_shape), stride=stride)
 
 
-@register_optimizer("adalomo", validate=validate_fused_config)
+@register_optimizer("adalomo", validate=validate_fused_config, fused=True)
 def adalomo(params, lr: float, weight_decay: float = 0.0, eps: tuple = (1e-30, 1e-3), clip_threshold: float = 1.0,
             decay_rate: float = -0.8, clip_grad_norm: float = 0.0, clip_grad_value: float = 0.0,
             guard_nonfinite: bool = False) -> AdaLomo:

@@ -21,7 +21,7 @@ class Lomo(FusedOptimizer):
         add_masked_(param, delta, guard)
 
 
-@register_optimizer("lomo", validate=validate_fused_config)
+@register_optimizer("lomo", validate=validate_fused_config, fused=True)
 def lomo(params, lr: float, weight_decay: float = 0.0, clip_grad_norm: float = 0.0, clip_grad_value: float = 0.0,
          guard_nonfinite: bool = False) -> Lomo:
     """LOMO; clip_grad_norm / clip_grad_value come from optim.clip_grad_norm / optim.clip_grad_value."""

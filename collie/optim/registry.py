@@ -19,15 +19,18 @@ from collie.schema import suggest
 
 _OPTIMIZERS: dict[str, Callable] = {}
 _VALIDATORS: dict[str, Callable] = {}
+_FUSED: set[str] = set()
 # keys set as optim.<key>, never inside optim.args; the clip keys reach factories that declare them
 _SECTION_KEYS = ("lr", "weight_decay", "clip_grad_norm", "clip_grad_value")
 
 
-def register_optimizer(name: str, validate: Callable | None = None):
+def register_optimizer(name: str, validate: Callable | None = None, fused: bool = False):
     """Class/function decorator registering an optimizer factory under ``name``; ``validate(cfg)`` raises
-    ConfigError for configurations the optimizer cannot support."""
+    ConfigError for configurations the optimizer cannot support; ``fused``: it updates inside backward
+    (a ``collie.optim.FusedOptimizer``)."""
     def wrap(factory):
         _OPTIMIZERS[name] = factory
+        (_FUSED.add if fused or getattr(factory, "fused_backward", False) else _FUSED.discard)(name)
         if validate is not None:
             _VALIDATORS[name] = validate
         else:
@@ -45,6 +48,12 @@ def get_optimizer_factory(name: str) -> Callable:
         raise ConfigError(f"optim.name='{name}' is not a registered optimizer{suggest(name, _OPTIMIZERS)}; "
                           f"registered: {', '.join(list_optimizers())}")
     return _OPTIMIZERS[name]
+
+
+def is_fused_optimizer(name: str) -> bool:
+    """Whether the optimizer registered as ``name`` updates inside backward (LOMO, AdaLomo)."""
+    get_optimizer_factory(name)
+    return name in _FUSED
 
 
 def accepted_args(factory: Callable) -> set[str] | None:

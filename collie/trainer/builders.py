@@ -13,6 +13,24 @@ logger = logging.getLogger("collie")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+def master_weights(cfg) -> bool:
+    """Whether a bf16/fp16 model keeps fp32 master weights: yes for classic optimizers, whose small updates
+    would round away in 16 bits; LOMO/AdaLomo update the 16-bit weights in place (as their papers do)."""
+    from collie.optim import is_fused_optimizer
+    return cfg.model.dtype != "float32" and not is_fused_optimizer(cfg.optim.name)
+
+
+def storage_dtype(cfg) -> torch.dtype:
+    """The parameters' dtype: ``model.dtype``, or float32 when they are master weights."""
+    return torch.float32 if master_weights(cfg) else DTYPES[cfg.model.dtype]
+
+
+def compute_dtype(cfg) -> torch.dtype | None:
+    """The autocast dtype: ``train.precision``; with master weights at least the model's 16-bit dtype."""
+    precision = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.train.precision]
+    return precision or (DTYPES[cfg.model.dtype] if master_weights(cfg) else None)
+
+
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -41,7 +59,10 @@ def build_model(cfg, args, ctx):
     from collie.distributed.hf_loading import load_hf_checkpoint
     from collie.models import build_model as build_arch, from_pretrained
     from collie.peft import apply_peft, lora_initial_state
-    dtype, m, seed = DTYPES[cfg.model.dtype], cfg.model, cfg.train.seed
+    dtype, m, seed = storage_dtype(cfg), cfg.model, cfg.train.seed
+    if master_weights(cfg):
+        logger.info("model.dtype=%s with optim.name=%s: fp32 master weights, computed in %s", m.dtype,
+                    cfg.optim.name, compute_dtype(cfg))
     ctx.validate_model(args)
     if ctx.world_size == 1 or cfg.parallel.engine == "deepspeed":  # DeepSpeed partitions the full model itself
         if m.pretrained:
@@ -56,7 +77,8 @@ def build_model(cfg, args, ctx):
         return model
     meta = apply_peft(build_arch(args, device="meta").to(dtype), cfg.peft, seed, ctx.world_size)
     adapters = lora_initial_state(meta, seed) if cfg.peft.method == "lora" else {}
-    options = dict(activation_checkpointing=m.activation_checkpointing, checkpoint_every=m.checkpoint_every)
+    options = dict(activation_checkpointing=m.activation_checkpointing, checkpoint_every=m.checkpoint_every,
+                   compute_dtype=compute_dtype(cfg) if master_weights(cfg) else None)
     if not m.pretrained:
         base = default_init_fn(type(meta), args, seed, dtype)
         return parallelize(meta, args, cfg.parallel, ctx, ctx.device, init_fn=lambda: {**base(), **adapters},
