@@ -1,5 +1,6 @@
 """The one-process Trainer end to end on the shipped quickstart data and the tiny model."""
 import json
+import math
 import os
 
 import pytest
@@ -159,3 +160,40 @@ def test_lora_training_trains_only_adapters_and_saves_a_loadable_adapter(tmp_pat
     assert main(["convert", str(final / "base_model"), str(tmp_path / "merged"), "--merge", str(final)]) == 0
     from collie.models import from_pretrained
     torch.testing.assert_close(from_pretrained(tmp_path / "merged")(ids), trainer.model(ids), rtol=1e-4, atol=1e-5)
+
+
+def test_clip_grad_norm_scales_gradients_to_the_max_norm():
+    from collie.config import ParallelConfig
+    from collie.distributed import clip_grad_norm_, init_parallel
+    ctx = init_parallel(ParallelConfig(), "cpu")
+    a, b = torch.nn.Parameter(torch.zeros(4)), torch.nn.Parameter(torch.zeros(2, 2))
+    a.grad, b.grad = torch.full((4,), 3.0), torch.full((2, 2), 3.0)
+    total = clip_grad_norm_([a, b], 1.0, ctx)
+    assert float(total) == pytest.approx(math.sqrt(8 * 9.0))
+    assert float(torch.linalg.vector_norm(torch.cat([a.grad, b.grad.flatten()]))) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_bf16_model_keeps_fp32_master_weights_for_classic_optimizers(tmp_path):
+    """model.dtype=bfloat16 with AdamW trains fp32 weights computed in bf16 — the same run as float32 weights
+    with train.precision=bf16; AdaLomo keeps the bf16 weights (no master copy, as in its paper)."""
+    master = Trainer(config(tmp_path / "a", "train.max_steps=2", "model.dtype=bfloat16"))
+    master.fit()
+    amp = Trainer(config(tmp_path / "b", "train.max_steps=2", "train.precision=bf16"))
+    amp.fit()
+    assert all(p.dtype == torch.float32 for p in master.model.parameters())
+    for (name, a), b in zip(master.model.state_dict().items(), amp.model.state_dict().values()):
+        assert torch.equal(a, b), name
+    fused = Trainer(config(tmp_path / "c", "train.max_steps=1", "model.dtype=bfloat16", "optim.name=adalomo",
+                           "optim.args={}"))
+    assert all(p.dtype == torch.bfloat16 for p in fused.model.parameters())
+
+
+@pytest.mark.parametrize("optimizer", ["lomo", "adalomo"])
+def test_lora_with_fused_optimizers_updates_only_adapters(tmp_path, optimizer):
+    trainer = Trainer(config(tmp_path, "train.max_steps=2", "peft.method=lora", f"optim.name={optimizer}",
+                             "optim.args={}", "optim.lr=1e-2", "eval.metrics=[perplexity]"))
+    before = weights(trainer.model)
+    trainer.fit()
+    changed = {k for k, v in weights(trainer.model).items() if not torch.equal(v, before[k])}
+    assert changed and all(".lora_" in k for k in changed)
+    assert all(p.grad is None for p in trainer.model.parameters())

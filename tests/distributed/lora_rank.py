@@ -21,7 +21,8 @@ STEPS, BATCH, SEQ, SEED, LR, EPS = 4, 4, 12, 1234, 1e-2, 1e-5
 LORA = dict(r=4, alpha=8.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
                                             "down_proj", "lm_head"])
 LAYOUTS = {"single": {}, "tp2": {"tp": 2}, "tp2_sp": {"tp": 2, "sequence_parallel": True},
-           "zero3": {"dp": 2, "zero_stage": 3}, "pp2": {"pp": 2, "pp_microbatches": 2}}
+           "zero3": {"dp": 2, "zero_stage": 3}, "pp2": {"pp": 2, "pp_microbatches": 2},
+           "dp2_tp2": {"dp": 2, "tp": 2}}
 
 
 def tiny_args() -> ModelArgs:

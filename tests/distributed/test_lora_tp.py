@@ -1,5 +1,6 @@
-"""LoRA trains exactly like one process under tensor parallel (with and without sequence parallel), ZeRO-3 and
-pipeline parallel (2 ranks, gloo): same losses, same adapter weights, only the adapters trainable."""
+"""LoRA trains exactly like one process under tensor parallel (with and without sequence parallel), ZeRO-3,
+pipeline parallel (2 ranks) and dp2×tp2 (4 ranks, gloo): same losses, same adapter weights, only the adapters
+trainable."""
 import os
 
 import pytest
@@ -12,6 +13,7 @@ import lora_rank
 pytestmark = pytest.mark.distributed
 RANK_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "lora_rank.py")
 LAYOUTS = ["tp2", "tp2_sp", "zero3", "pp2"]
+FOUR_RANK_LAYOUTS = ["dp2_tp2"]
 
 
 @pytest.fixture(scope="module")
@@ -22,11 +24,13 @@ def reference():
 @pytest.fixture(scope="module")
 def ranks():
     """Every layout in one 2-rank launch."""
-    return run_distributed(RANK_SCRIPT, 2, LAYOUTS, timeout_s=60 + 30 * len(LAYOUTS))
+    return {2: run_distributed(RANK_SCRIPT, 2, LAYOUTS, timeout_s=60 + 30 * len(LAYOUTS)),
+            4: run_distributed(RANK_SCRIPT, 4, FOUR_RANK_LAYOUTS, timeout_s=120)}
 
 
-@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("layout", LAYOUTS + FOUR_RANK_LAYOUTS)
 def test_lora_layout_matches_one_process(reference, ranks, layout):
+    ranks = ranks[4 if layout in FOUR_RANK_LAYOUTS else 2]
     for rank in ranks:
         assert rank[layout]["losses"] == pytest.approx(reference["losses"], rel=1e-5)
     result = ranks[0][layout]
