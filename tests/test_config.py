@@ -15,7 +15,12 @@ def load(data, overrides=()):
     return CollieConfig.from_dict(data, list(overrides))
 
 
-@pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True)))
+# configs/bench/ holds benchmark grids, not job configs; tests/test_bench.py loads and validates them.
+JOB_CONFIGS = sorted(p for p in glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True)
+                     if not p.startswith(os.path.join(ROOT, "configs", "bench") + os.sep))
+
+
+@pytest.mark.parametrize("path", JOB_CONFIGS)
 def test_every_shipped_config_loads(path):
     cfg = CollieConfig.load(path)
     assert cfg.train.max_steps >= 1

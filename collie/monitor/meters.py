@@ -27,12 +27,20 @@ def device_peak_tflops(device: torch.device, override: float | None = None) -> f
     return None
 
 
-def flops_per_token(num_params: int, num_layers: int, hidden_size: int, seq_len: int) -> float:
-    """Training FLOPs per token: 6·N for the dense matmuls plus 12·L·h·s for attention scores and values."""
-    return 6.0 * num_params + 12.0 * num_layers * hidden_size * seq_len
+def flops_per_token(num_params: int, num_layers: int, hidden_size: int, seq_len: int,
+                    trainable_params: int | None = None) -> float:
+    """Model FLOPs of training on one token (recomputation not counted, as MFU requires).
+
+    Dense matmuls: 2·N forward, 2·N for the input gradients and 2·N_trainable for the weight gradients (frozen
+    weights, as under LoRA, need none), i.e. 6·N when everything trains. Attention scores and values add
+    12·L·h·s (forward and both backward products; their inputs are activations, so always computed).
+    """
+    trainable = num_params if trainable_params is None else trainable_params
+    return 4.0 * num_params + 2.0 * trainable + 12.0 * num_layers * hidden_size * seq_len
 
 
 def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so that a clock read measures it (CUDA runs asynchronously)."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -68,3 +76,12 @@ class StepMeter:
         per_gpu = tokens / max(step_time_s, 1e-9) / self.world_size
         mfu = per_gpu * self.flops_per_token / (self.peak_tflops * 1e12) if self.peak_tflops else None
         return {"tokens_per_s_per_gpu": per_gpu, "mfu": mfu}
+
+
+def max_over_ranks(value: float, device: torch.device) -> float:
+    """The largest ``value`` over all ranks; every rank must call this at the same point."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return value
+    tensor = torch.tensor(value, dtype=torch.float64, device=device)
+    torch.distributed.all_reduce(tensor, op=torch.distributed.ReduceOp.MAX)
+    return float(tensor)

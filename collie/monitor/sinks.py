@@ -31,25 +31,28 @@ class JsonlSink(Sink):
 
 
 class CsvSink(Sink):
-    """``metrics.csv`` with the columns of the first logged step (later new keys are ignored)."""
+    """``metrics.csv`` (training steps) and ``eval_metrics.csv`` (evaluations); each file takes the columns of
+    its first row (keys first seen later are left out)."""
 
     def __init__(self, output_dir: str):
-        self.path = os.path.join(output_dir, "metrics.csv")
-        self.file, self.writer = None, None
+        self.output_dir = output_dir
+        self.files, self.writers = {}, {}
 
     def write(self, step, metrics):
+        kind = "eval_metrics" if metrics and all(k.startswith("eval/") for k in metrics) else "metrics"
         row = {"step": step, **metrics}
-        if self.writer is None:
-            self.file = open(self.path, "a", newline="")
-            self.writer = csv.DictWriter(self.file, fieldnames=list(row), extrasaction="ignore")
-            if self.file.tell() == 0:
-                self.writer.writeheader()
-        self.writer.writerow(row)
-        self.file.flush()
+        if kind not in self.writers:
+            self.files[kind] = open(os.path.join(self.output_dir, f"{kind}.csv"), "a", newline="")
+            self.writers[kind] = csv.DictWriter(self.files[kind], fieldnames=list(row), extrasaction="ignore")
+            if self.files[kind].tell() == 0:
+                self.writers[kind].writeheader()
+        self.writers[kind].writerow(row)
+        self.files[kind].flush()
 
     def close(self):
-        if self.file:
-            self.file.close()
+        for file in self.files.values():
+            file.close()
+        self.files, self.writers = {}, {}
 
 
 class ConsoleSink(Sink):
@@ -82,11 +85,12 @@ class TensorBoardSink(Sink):
 
 
 class WandbSink(Sink):
-    """wandb run in ``output_dir``; offline unless ``WANDB_MODE`` says otherwise (no network by default)."""
+    """A wandb run under ``WANDB_DIR`` (default: ``output_dir``); offline unless ``WANDB_MODE`` says otherwise
+    (no network by default)."""
 
     def __init__(self, output_dir: str, project: str, config: dict):
         wandb = _import_extra("wandb", None, "wandb")
-        self.run = wandb.init(project=project, dir=output_dir, config=config,
+        self.run = wandb.init(project=project, dir=os.environ.get("WANDB_DIR", output_dir), config=config,
                               mode=os.environ.get("WANDB_MODE", "offline"))
 
     def write(self, step, metrics):
@@ -101,9 +105,9 @@ def _import_extra(module: str, attr: str | None, extra: str):
     try:
         mod = importlib.import_module(module)
         return getattr(mod, attr) if attr else mod
-    except ImportError:
-        raise ConfigError(f"monitor.sinks: '{extra}' needs the {extra} package; install it with "
-                          f"pip install -e '.[{extra}]'") from None
+    except ImportError as error:
+        raise ConfigError(f"monitor.sinks: '{extra}' needs the {extra} package ({error}); install it with "
+                          f"pip install -e '.[{extra}]' or pip install {extra}") from None
 
 
 def build_sinks(cfg, output_dir: str) -> list[Sink]:
