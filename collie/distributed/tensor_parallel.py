@@ -55,20 +55,21 @@ def _decoder_layer_plan(sequence_parallel: bool) -> dict:
         "mlp.up_proj": ColwiseParallel(),
         "mlp.down_proj": RowwiseParallel(output_layouts=residual),
     }
-    if not sequence_parallel:
-        plan.update({"input_layernorm": ReplicateParallel(), "post_attention_layernorm": ReplicateParallel()})
+    # Attention and MLP get their input as one replicated DTensor (all-gathered along the sequence first with
+    # sequence parallel), shared by q/k/v and by gate/up: the input gradients of those linears add up as one
+    # Partial DTensor and are reduced once per module (Megatron's 2 forward + 2 backward collectives per layer),
+    # not once per linear. DecoderLayer calls self_attn(x, cos, sin, mask) and mlp(x): only x is distributed.
+    plan.update({
+        "self_attn": PrepareModuleInput(input_layouts=(residual, None, None, None),
+                                        desired_input_layouts=(Replicate(), None, None, None),
+                                        use_local_output=False),
+        "mlp": PrepareModuleInput(input_layouts=(residual,), desired_input_layouts=(Replicate(),),
+                                  use_local_output=False),
+    })
+    if sequence_parallel:  # norms run on sequence shards
+        plan.update({"input_layernorm": SequenceParallel(), "post_attention_layernorm": SequenceParallel()})
     else:
-        # Norms run on sequence shards; attention and MLP all-gather their input along the sequence.
-        # DecoderLayer calls self_attn(x, cos, sin, mask) and mlp(x): only x is sharded.
-        plan.update({
-            "input_layernorm": SequenceParallel(),
-            "post_attention_layernorm": SequenceParallel(),
-            "self_attn": PrepareModuleInput(input_layouts=(Shard(1), None, None, None),
-                                            desired_input_layouts=(Replicate(), None, None, None),
-                                            use_local_output=True),
-            "mlp": PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),),
-                                      use_local_output=True),
-        })
+        plan.update({"input_layernorm": ReplicateParallel(), "post_attention_layernorm": ReplicateParallel()})
     return plan
 
 

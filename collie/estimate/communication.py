@@ -9,9 +9,10 @@ parameter bytes, P the rank's parameters (tp shards; FSDP pads dim 0 to a multip
 tp (``collie.distributed.tensor_parallel``; DTensor colwise/rowwise plans), per micro-batch and layer:
   forward: all-reduce T·h·C after o_proj and down_proj (sequence parallel: reduce-scatter instead, and an
   all-gather T·h·R of the norm output before attention and before the MLP);
-  backward: one all-reduce T·h·R of the input gradient per column-parallel linear — q, k, v, gate and up
-  each turn their replicated input into a DTensor of their own, so 5, not Megatron's 2 (sequence parallel:
-  also all-gathers T·h·C of the o/down output gradients and an all-reduce of each norm weight's gradient);
+  backward: one all-reduce T·h·R of the input gradient of attention and of the MLP — q/k/v and gate/up share
+  one replicated DTensor input, so their gradients are summed first (Megatron's 2 per layer); sequence
+  parallel: a reduce-scatter instead, all-gathers T·h·C of the o/down output gradients and an all-reduce of
+  each norm weight's gradient;
   embedding: all-reduce T·h·R forward (SP: reduce-scatter forward, all-gather backward); lm_head: input
   gradient all-reduce T·h·R (SP: all-gather forward, reduce-scatter backward); vocab-parallel loss: three
   all-reduces of T fp32 values.
@@ -104,7 +105,8 @@ def _tensor_parallel(ledger: _Ledger, args: ModelArgs, setup: Setup, stage: Stag
         ledger.add("tp", "all_reduce", h * setup.param_bytes, t, 2 * layers)  # norm weight gradients
     else:
         ledger.add("tp", "all_reduce", compute, t, 2 * layers)
-    ledger.add("tp", "all_reduce", residual, t, 5 * layers)  # q, k, v, gate, up input gradients
+    # attention's and the MLP's input gradients, one collective each (q/k/v and gate/up share the input)
+    ledger.add("tp", "reduce_scatter" if setup.sequence_parallel else "all_reduce", residual, t, 2 * layers)
     if stage.has_embedding:
         if setup.sequence_parallel:
             ledger.add("tp", "reduce_scatter", residual, t, times)

@@ -24,6 +24,9 @@ LAUNCHES = {
 }
 WORLD_OF = {name: world for world, names in LAUNCHES.items() for name in names}
 LOSS_RTOL, WEIGHT_ATOL = 1e-5, 1e-5
+# The gradient norm is the most sensitive figure: step 1 agrees to ~1e-7, then weights that differ by ~2e-6
+# (summation order) move the clipped norm by up to ~2e-5 relative at step 5.
+GRAD_NORM_RTOL = 5e-5
 _launched: dict = {}
 
 
@@ -62,7 +65,9 @@ def test_layout_matches_one_process(name, reference, result_dir):
     for rank, result in enumerate(results):  # every rank reports the global loss and norm
         torch.testing.assert_close(result["losses"], ref["losses"], rtol=LOSS_RTOL, atol=0,
                                    msg=lambda m: f"{name} rank {rank} losses: {m}")
-        torch.testing.assert_close(result["grad_norms"], ref["grad_norms"], rtol=LOSS_RTOL, atol=0,
+        torch.testing.assert_close(result["grad_norms"][:1], ref["grad_norms"][:1], rtol=1e-6, atol=0,
+                                   msg=lambda m: f"{name} rank {rank} first grad norm: {m}")
+        torch.testing.assert_close(result["grad_norms"], ref["grad_norms"], rtol=GRAD_NORM_RTOL, atol=0,
                                    msg=lambda m: f"{name} rank {rank} grad norms: {m}")
         for kind, value in result["eval_loss"].items():  # padded is None under sequence parallel
             if value is not None:
