@@ -34,19 +34,15 @@ def cmd_convert(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    import torch
-
     from collie.data.tokenizer import load_tokenizer
-    from collie.evaluation.generation import generate
+    from collie.evaluation.generation import generate_text
     from collie.peft import load_model_or_adapter
     model = load_model_or_adapter(args.model).eval()
     tokenizer = load_tokenizer(args.tokenizer or args.model)
-    prompts = [tokenizer.encode(p, add_bos=True) for p in args.prompt]
-    generator = torch.Generator().manual_seed(args.seed)
-    outputs = generate(model, prompts, args.max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id,
-                       temperature=args.temperature, top_p=args.top_p, generator=generator)
+    outputs = generate_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_p,
+                            args.seed, args.stop or ())
     for prompt, out in zip(args.prompt, outputs):
-        print(f"{prompt}{tokenizer.decode(out)}")
+        print(f"{prompt}{out}")
     return 0
 
 
@@ -69,14 +65,17 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("model", help="Hugging Face model or LoRA adapter directory (e.g. OUTPUT_DIR/final)")
     gen.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
     gen.add_argument("--tokenizer", help="tokenizer path if not in the model directory")
-    gen.add_argument("--max-new-tokens", type=int, default=32)
-    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    gen.add_argument("--top-p", type=float, default=1.0)
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate at most per prompt")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]")
+    gen.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
+    gen.add_argument("--stop", action="append", help="stop string; the output ends before it (repeatable)")
     gen.set_defaults(run=cmd_generate)
     # listed for --help only: main() hands `collie estimate …` to collie.estimate.cli before parsing
     sub.add_parser("estimate", help="predict per-GPU memory and per-step communication of a job "
                                     "(collie estimate --help)")
+    sub.add_parser("bench", help="run a grid of configurations for a few steps each and report tokens/s, MFU "
+                                 "and memory (collie bench --help)")
     return parser
 
 
@@ -85,6 +84,9 @@ def main(argv=None) -> int:
     if argv[:1] == ["estimate"]:  # its own parser: see collie/estimate/cli.py
         from collie.estimate.cli import estimate_main
         return estimate_main(argv[1:])
+    if argv[:1] == ["bench"]:  # its own parser: see collie/bench/cli.py
+        from collie.bench.cli import bench_main
+        return bench_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)

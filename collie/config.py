@@ -95,8 +95,8 @@ class DataConfig:
     eval_files: list[str] = _f([], "evaluation files")
     tokenizer: Optional[str] = _f(None, "tokenizer: HF tokenizer directory or sentencepiece .model; "
                                         "null = model.pretrained")
-    template: str = _f("alpaca", "prompt template for instruction data (alpaca, chatml) or 'tokenizer' for "
-                                 "the tokenizer's chat template")
+    template: str = _f("alpaca", "prompt template for instruction data (alpaca, chatml), 'tokenizer' for "
+                                 "the tokenizer's chat template, or a Jinja chat template: a .jinja file or its text")
     seq_len: int = _f(512, "maximum tokens per sequence", min=2)
     pack: bool = _f(False, "instruction data: pack several conversations per sequence (positions restart per "
                            "conversation); pretrain data is always packed into seq_len blocks")
@@ -126,6 +126,12 @@ class TrainConfig:
     log_every: int = _f(10, "write a log line and metrics every n steps", min=1)
     on_nonfinite: Literal["skip", "stop"] = _f("skip", "a non-finite loss: skip the step or stop the run")
     progress_bar: bool = _f(True, "show a progress bar on rank 0")
+    compile: bool = _f(False, "torch.compile each decoder layer (after activation checkpointing and sharding); pad batches to fixed "
+                                "lengths (data.pad_to_multiple_of) to avoid recompiling for every new length")
+    compile_backend: str = _f("inductor", "torch.compile backend (inductor; aot_eager to check without codegen)")
+    loss_chunk_size: int = _f(0, "compute the LM head and loss over this many positions at a time, recomputing "
+                                 "them in backward, so full-vocabulary logits never exist; 0 = off (one process)",
+                              min=0)
 
 
 @dataclass
@@ -135,8 +141,13 @@ class EvalConfig:
     before_training: bool = _f(False, "also evaluate before the first step (a baseline to compare with)")
     batch_size: int = _f(16, "sequences per evaluation batch", min=1)
     max_batches: Optional[int] = _f(None, "cap on evaluation batches; null = whole eval set", min=1)
-    metrics: list[str] = _f(["perplexity"], "evaluators to run: perplexity, exact_match")
+    metrics: list[str] = _f(["perplexity"], "evaluators to run: perplexity; exact_match, bleu, rouge (greedy "
+                            "responses vs references, data.format=instruction); multiple_choice, classification "
+                            "(option log-likelihoods on eval.choice_file); see docs/evaluation.md")
     max_new_tokens: int = _f(16, "generation length for generation-based metrics", min=1)
+    stop: list[str] = _f([], "stop strings for generation-based metrics: a response ends before the first one")
+    choice_file: Optional[str] = _f(None, "JSONL (or JSON list) of {prompt, choices, answer} records for "
+                                          "multiple_choice / classification")
 
 
 @dataclass
@@ -244,6 +255,23 @@ def _check_model_arch(cfg: CollieConfig) -> None:
         if key not in fields:
             raise ConfigError(f"unknown key 'model.arch.{key}'{suggest(key, fields)}; "
                               f"valid keys are the ModelArgs fields: {', '.join(sorted(fields))}")
+    if cfg.model.pretrained is None:  # a card is cheap to read: check it and the arch overrides at load
+        _check_card_and_arch(cfg.model)
+
+
+def _check_card_and_arch(model) -> None:
+    """The card exists and ``model.arch`` makes a valid architecture with it; errors name the key."""
+    from collie.models import load_card
+    try:
+        args = load_card(model.card)
+    except ConfigError as e:
+        raise ConfigError(f"model.card={model.card!r}: {e}") from None
+    try:
+        from_dict(type(args), {**dataclasses.asdict(args), **model.arch}, "model.arch")
+    except ConfigError as e:
+        if "model.arch" in str(e):
+            raise
+        raise ConfigError(f"model.arch={model.arch} with model.card={model.card!r}: {e}") from None
 
 
 def _check_parallel(cfg: CollieConfig) -> None:
@@ -257,6 +285,15 @@ def _check_parallel(cfg: CollieConfig) -> None:
         n = p.pp_microbatches or 2 * p.pp
         raise ConfigError(f"train.micro_batch_size={cfg.train.micro_batch_size} must be a multiple of the "
                           f"{n} pipeline micro-batches (parallel.pp_microbatches, default 2·pp)")
+    from collie.distributed.deepspeed_engine import check_deepspeed_layout
+    check_deepspeed_layout(cfg)
+    if cfg.train.loss_chunk_size and max(p.dp, p.tp, p.pp) > 1:
+        raise ConfigError("train.loss_chunk_size runs in one process (parallel.dp=tp=pp=1): under tensor "
+                          "parallelism the vocab-parallel loss already avoids full logits, and sharded or "
+                          "replicated heads need their gradient hooks; set train.loss_chunk_size=0")
+    if cfg.train.loss_chunk_size and cfg.peft.method in ("prefix", "prompt", "ia3"):
+        raise ConfigError(f"train.loss_chunk_size needs collie's own LM head; peft.method={cfg.peft.method} runs a "
+                          f"transformers model: set train.loss_chunk_size=0")
     if p.sequence_parallel and p.tp == 1:
         raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1")
     if p.sequence_parallel and p.pp > 1 and cfg.data.seq_len % p.tp:
@@ -280,15 +317,26 @@ def _check_data(cfg: CollieConfig) -> None:
     if cfg.data.document_masking and cfg.data.format == "instruction" and not cfg.data.pack:
         raise ConfigError("data.document_masking=true separates packed documents; with data.format=instruction "
                           "set data.pack=true as well")
-    if "exact_match" in cfg.eval.metrics and cfg.parallel.pp > 1:
-        raise ConfigError("eval.metrics: exact_match generates token by token, which is not available under "
-                          "parallel.pp > 1; use eval.metrics=[perplexity] or parallel.pp=1")
-    if any(m == "exact_match" for m in cfg.eval.metrics) and cfg.data.format != "instruction":
-        raise ConfigError("eval.metrics: exact_match needs data.format=instruction (it compares responses)")
-    known = {"perplexity", "exact_match"}
+    from collie.evaluation.choice import CHOICE_METRICS
+    from collie.evaluation.metrics import TEXT_METRICS  # generation metrics, extensible by register_text_metric
+    known = {"perplexity", *TEXT_METRICS, *CHOICE_METRICS}
     for i, m in enumerate(cfg.eval.metrics):
         if m not in known:
             raise ConfigError(f"eval.metrics[{i}]='{m}' is unknown{suggest(m, known)}; choose from {sorted(known)}")
+    needs_logits = [m for m in cfg.eval.metrics if m != "perplexity"]
+    if needs_logits and cfg.parallel.pp > 1:
+        raise ConfigError(f"eval.metrics: {needs_logits[0]} needs the whole model's logits on one rank, which is not "
+                          f"available under parallel.pp > 1; use eval.metrics=[perplexity] or parallel.pp=1")
+    generated = [m for m in cfg.eval.metrics if m in TEXT_METRICS]
+    if generated and cfg.data.format != "instruction":
+        raise ConfigError(f"eval.metrics: {generated[0]} needs data.format=instruction (it compares responses)")
+    chosen = [m for m in cfg.eval.metrics if m in CHOICE_METRICS]
+    if chosen and not cfg.eval.choice_file:
+        raise ConfigError(f"eval.metrics: {chosen[0]} scores the records of eval.choice_file; set it to a JSONL "
+                          f"file of {{prompt, choices, answer}} records")
+    if len(chosen) > 1:
+        raise ConfigError("eval.metrics: classification reports what multiple_choice does plus choice_f1_macro; "
+                          "list only one of them")
 
 
 def _check_monitor(cfg: CollieConfig) -> None:

@@ -8,11 +8,12 @@ from collie.data.instruction import load_instruction_dataset, truncate
 from collie.data.synthetic import generate_examples, main as write_synthetic, rendered_text
 from collie.data.tokenizer import load_tokenizer, train_sentencepiece
 from collie.errors import ConfigError, DataError
-from test_tokenizer import save_hf_tokenizer
+from test_tokenizer import CHATML, save_hf_tokenizer
 
 CHAT = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What comes after 41?"},
         {"role": "assistant", "content": "42"}, {"role": "user", "content": "Is 42 even or odd?"},
         {"role": "assistant", "content": "even"}]
+CHAT_RECORD = {"messages": CHAT}
 
 
 @pytest.fixture(scope="module")
@@ -179,3 +180,45 @@ def test_synthetic_task_is_deterministic_and_held_out(tmp_path):
     assert not train_questions & {r["instruction"] for r in held_out}
     data, stats = load_instruction_dataset([tmp_path / "eval.jsonl"], load_tokenizer(tmp_path / "tokenizer.model"), 64)
     assert stats.truncated == stats.skipped == 0 and len(data) == 40
+
+
+def test_chat_template_from_the_config_with_a_sentencepiece_tokenizer(tok, tmp_path):
+    (tmp_path / "chat.jinja").write_text(CHATML)
+    data, _ = load_instruction_dataset(write_jsonl(tmp_path / "m.jsonl", [{"messages": CHAT}]), tok, 256,
+                                       template=str(tmp_path / "chat.jinja"))
+    eos = tok.eos_token_id  # a sentencepiece EOS is a control token the text cannot hold: it is appended
+    assert label_spans(data[0]) == [tok.encode("42<|im_end|>\n") + [eos], tok.encode("even<|im_end|>\n") + [eos]]
+    assert tok.decode(data[0]["input_ids"]).startswith("<|im_start|>system\nBe brief.<|im_end|>\n")
+
+
+def test_chat_template_from_the_config_replaces_the_tokenizers(tmp_path):
+    hf = load_tokenizer(save_hf_tokenizer(tmp_path / "hf", chat_template=None))
+    template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+                "{% if add_generation_prompt %}assistant: {% endif %}")
+    data, _ = load_instruction_dataset(write_jsonl(tmp_path / "m.jsonl", [{"messages": CHAT}]), hf, 128,
+                                       template=template)
+    assert label_spans(data[0]) == [hf.encode("42<|im_end|>\n"), hf.encode("even<|im_end|>\n")]
+    assert hf.hf.decode(data[0]["input_ids"][1:]) == hf.apply_chat_template(CHAT, chat_template=template)
+    with pytest.raises(ConfigError, match="chat template file 'missing.jinja' does not exist"):
+        load_instruction_dataset(tmp_path / "m.jsonl", hf, 128, template="missing.jinja")
+
+
+def test_truncation_that_drops_a_later_assistant_turn_is_counted(tok, tmp_path, caplog):
+    long_first = [{"role": "user", "content": "Count."}, {"role": "assistant", "content": "1 2 3 4 5 6 7 8 9 " * 6},
+                  {"role": "user", "content": "Again?"}, {"role": "assistant", "content": "no"}]
+    data, stats = load_instruction_dataset(write_jsonl(tmp_path / "m.jsonl", [{"messages": long_first}, CHAT_RECORD]),
+                                           tok, 64)
+    assert (stats.truncated, stats.dropped_responses, stats.skipped) == (1, 1, 0)
+    assert len(label_spans(data[0])) == 1 and len(data[0]["input_ids"]) == 64
+    assert "losing 1 whole later assistant turns" in str(stats)
+    assert "1 whole assistant turns dropped" in caplog.text
+
+
+def test_seq_len_beyond_the_model_positions_is_a_config_error(tok, tmp_path):
+    from collie import CollieConfig
+    from collie.models import load_card
+    from collie.trainer.builders import build_dataset
+    path = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "hi", "output": "ok"}])
+    cfg = CollieConfig.from_dict({"data": {"train_files": [str(path)], "seq_len": 1024}})
+    with pytest.raises(ConfigError, match="data.seq_len=1024 exceeds the model's max_position_embeddings=512"):
+        build_dataset(cfg, tok, [str(path)], load_card("tiny"))

@@ -197,3 +197,30 @@ def test_lora_with_fused_optimizers_updates_only_adapters(tmp_path, optimizer):
     changed = {k for k, v in weights(trainer.model).items() if not torch.equal(v, before[k])}
     assert changed and all(".lora_" in k for k in changed)
     assert all(p.grad is None for p in trainer.model.parameters())
+
+
+def test_chunked_loss_and_compiled_layers_train_like_the_plain_model(tmp_path):
+    """train.loss_chunk_size (LM head and loss recomputed chunk by chunk) and train.compile change how, not what."""
+    plain = Trainer(config(tmp_path / "a", "train.max_steps=2", "optim.args={eps: 1e-5}"))
+    plain.fit()
+    lean = Trainer(config(tmp_path / "b", "train.max_steps=2", "optim.args={eps: 1e-5}", "train.loss_chunk_size=7",
+                          "train.compile=true", "train.compile_backend=aot_eager", "data.pad_to_multiple_of=64"))
+    lean.fit()
+    for (name, a), b in zip(plain.model.state_dict().items(), lean.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_chunked_loss_sum_equals_the_full_loss_and_its_gradient():
+    from collie.trainer.loss import causal_lm_loss_sum, chunked_lm_loss_sum
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 50)
+    hidden = torch.randn(2, 11, 8, requires_grad=True)
+    labels = torch.randint(0, 50, (2, 11))
+    labels[0, :3] = -100
+    full = causal_lm_loss_sum(head(hidden), labels)
+    full_grads = torch.autograd.grad(full, [hidden, head.weight])
+    chunked = chunked_lm_loss_sum(head, hidden, labels, chunk=4)
+    chunked_grads = torch.autograd.grad(chunked, [hidden, head.weight])
+    torch.testing.assert_close(chunked, full)
+    for a, b in zip(chunked_grads, full_grads):
+        torch.testing.assert_close(a, b)

@@ -7,13 +7,16 @@ Records (JSONL lines, or the elements of a JSON list) come in three formats, det
 * ShareGPT: ``{"conversations": [{"from": "system" | "human" | "gpt", "value"}]}``
 
 A template renders a conversation as segments ``(text, is_response)``; each segment is tokenized on its own,
-so the label mask is exactly the assistant spans (plus the EOS that ends each of them).
+so the label mask is exactly the assistant spans (plus the EOS that ends each of them). ``data.template`` names a
+registered template (alpaca, chatml), ``tokenizer`` for the tokenizer's own chat template, or gives a Jinja chat
+template in the Hugging Face format: a ``.jinja`` file or the template text itself.
 """
 from __future__ import annotations
 
 import json
 import logging
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -30,6 +33,7 @@ ALPACA_PREAMBLE = ("Below is an instruction that describes a task. "
                    "Write a response that appropriately completes the request.")
 ROLES = {"system": "system", "user": "user", "assistant": "assistant", "human": "user", "gpt": "assistant"}
 ROLE_CHOICES = {"role": "system, user, assistant", "from": "system, human, gpt"}
+JINJA_SUFFIXES = (".jinja", ".jinja2", ".j2")
 
 
 def register_template(name: str):
@@ -69,18 +73,18 @@ def chatml_template(messages: list[dict], tokenizer) -> list[tuple[str, bool]]:
 
 
 @register_template("tokenizer")
-def tokenizer_template(messages: list[dict], tokenizer) -> list[tuple[str, bool]]:
-    """The tokenizer's chat template; an assistant span is the text that rendering its turn adds."""
+def tokenizer_template(messages: list[dict], tokenizer, chat_template: str | None = None) -> list[tuple[str, bool]]:
+    """The tokenizer's chat template (or ``chat_template``); an assistant span is the text its turn adds."""
     segments, rendered = [], ""
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(messages[:i + 1])
+        prompt = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True, chat_template=chat_template)
+        full = tokenizer.apply_chat_template(messages[:i + 1], chat_template=chat_template)
         if not (prompt.startswith(rendered) and full.startswith(prompt)):
-            raise DataError(f"the chat template of tokenizer '{_name(tokenizer)}' does not render a conversation as "
-                            f"a prefix of its continuation, so assistant spans cannot be found; set "
-                            f"data.template: alpaca")
+            owner = "data.template" if chat_template else f"tokenizer '{_name(tokenizer)}'"
+            raise DataError(f"the chat template of {owner} does not render a conversation as a prefix of its "
+                            f"continuation, so assistant spans cannot be found; set data.template: alpaca")
         segments += [(prompt[len(rendered):], False), (full[len(prompt):], True)]
         rendered = full
     return segments
@@ -91,6 +95,7 @@ class InstructionStats:
     """What loading did to the records; truncations and skips are reported, never hidden."""
     records: int = 0
     truncated: int = 0
+    dropped_responses: int = 0
     skipped: int = 0
     sequences: int = 0
     tokens: int = 0
@@ -98,8 +103,9 @@ class InstructionStats:
 
     def __str__(self) -> str:
         return (f"{self.records} records -> {self.sequences} sequences of {self.tokens} tokens "
-                f"({self.label_tokens} in the loss); {self.truncated} truncated, {self.skipped} skipped "
-                f"because no response token fits")
+                f"({self.label_tokens} in the loss); {self.truncated} truncated (losing "
+                f"{self.dropped_responses} whole later assistant turns), {self.skipped} skipped because no "
+                f"response token fits")
 
 
 class InstructionDataset(Dataset):
@@ -121,8 +127,9 @@ def load_instruction_dataset(files, tokenizer, seq_len: int, template: str = "al
 
     Too-long conversations lose prompt tokens from the left first (keeping at least ``min_prompt_tokens`` of
     the prompt's end), then response tokens from the right; a record of which no response token would fit
-    is skipped. ``pack=True`` concatenates conversations greedily into sequences of at most ``seq_len``
-    tokens whose ``position_ids`` restart at 0 at every conversation.
+    is skipped. Cutting from the right may remove whole later turns of a multi-turn conversation; they are
+    counted in ``dropped_responses``. ``pack=True`` concatenates conversations greedily into sequences of at most
+    ``seq_len`` tokens whose ``position_ids`` restart at 0 at every conversation.
     """
     files = [files] if isinstance(files, (str, Path)) else list(files)
     render = resolve_template(template, tokenizer)
@@ -130,11 +137,13 @@ def load_instruction_dataset(files, tokenizer, seq_len: int, template: str = "al
     for where, record in (item for path in files for item in read_records(path)):
         stats.records += 1
         ids, labels = encode_conversation(render(record_to_messages(record, where), tokenizer), tokenizer)
+        responses = count_spans(labels)
         ids, labels, status = truncate(ids, labels, seq_len, tokenizer.bos_token_id, min_prompt_tokens)
         if status == "skipped":
             stats.skipped += 1
             continue
         stats.truncated += status == "truncated"
+        stats.dropped_responses += responses - count_spans(labels)
         samples.append({"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)})
     if not samples:
         raise DataError(f"no usable instruction records in {', '.join(map(str, files))} ({stats})")
@@ -143,19 +152,41 @@ def load_instruction_dataset(files, tokenizer, seq_len: int, template: str = "al
     stats.sequences, stats.tokens = len(samples), sum(len(s["input_ids"]) for s in samples)
     stats.label_tokens = sum(int((s["labels"] != IGNORE_INDEX).sum()) for s in samples)
     if stats.truncated or stats.skipped:
-        logger.warning("instruction data: %d of %d records truncated, %d skipped (data.seq_len=%d)",
-                       stats.truncated, stats.records, stats.skipped, seq_len)
+        logger.warning("instruction data: %d of %d records truncated (%d whole assistant turns dropped), %d "
+                       "skipped (data.seq_len=%d)", stats.truncated, stats.records, stats.dropped_responses,
+                       stats.skipped, seq_len)
     return InstructionDataset(samples), stats
 
 
 def resolve_template(name: str, tokenizer):
+    """The render function for ``data.template``: a registered name, or a Jinja chat template (file or text)."""
+    if name.endswith(JINJA_SUFFIXES) or "{{" in name or "{%" in name:
+        return partial(tokenizer_template, chat_template=read_chat_template(name))
     if name not in TEMPLATES:
         raise ConfigError(f"data.template={name!r} is not a template{suggest(name, TEMPLATES)}; "
-                          f"choose one of {', '.join(sorted(TEMPLATES))}")
+                          f"choose one of {', '.join(sorted(TEMPLATES))}, or a Jinja chat template (.jinja file)")
     if name == "tokenizer" and not tokenizer.chat_template:
         raise ConfigError(f"data.template=tokenizer but tokenizer '{_name(tokenizer)}' has no chat template; "
                           f"set data.template: alpaca")
     return TEMPLATES[name]
+
+
+def read_chat_template(template: str) -> str:
+    if "{{" in template or "{%" in template:
+        return template
+    path = Path(template)
+    if not path.is_file():
+        raise ConfigError(f"data.template: chat template file '{path}' does not exist")
+    return path.read_text(encoding="utf-8")
+
+
+def count_spans(labels: list[int]) -> int:
+    """Runs of consecutive labelled tokens: one per assistant turn."""
+    previous, runs = IGNORE_INDEX, 0
+    for label in labels:
+        runs += label != IGNORE_INDEX and previous == IGNORE_INDEX
+        previous = label
+    return runs
 
 
 def read_records(path):

@@ -2,7 +2,8 @@
 
 Every tokenizer collie uses offers ``encode(text, add_bos=False, add_eos=False)``, ``decode(ids)`` (special
 tokens skipped), ``bos_token_id``, ``eos_token_id``, ``pad_token_id``, ``vocab_size``, ``chat_template`` and
-``apply_chat_template(messages)``. ``load_tokenizer`` picks the implementation from the path.
+``apply_chat_template(messages, add_generation_prompt=False, chat_template=None)`` (``chat_template`` renders with
+a given Jinja template instead of the tokenizer's own). ``load_tokenizer`` picks the implementation from the path.
 """
 from __future__ import annotations
 
@@ -52,10 +53,12 @@ class HFTokenizer:
     def chat_template(self) -> str | None:
         return getattr(self.hf, "chat_template", None)
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        if not self.chat_template:
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False,
+                            chat_template: str | None = None) -> str:
+        if not (chat_template or self.chat_template):
             raise _no_chat_template(self.name)
-        return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        return self.hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                           chat_template=chat_template)
 
 
 class SentencePieceTokenizer:
@@ -95,8 +98,17 @@ class SentencePieceTokenizer:
     def vocab_size(self) -> int:
         return self.sp.get_piece_size()
 
-    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        raise _no_chat_template(self.name)
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False,
+                            chat_template: str | None = None) -> str:
+        """Render with ``chat_template`` (Jinja, as in Hugging Face) given ``bos_token``/``eos_token`` as text; a
+        sentencepiece model has no template of its own."""
+        if not chat_template:
+            raise _no_chat_template(self.name)
+        return render_chat_template(chat_template, messages, add_generation_prompt,
+                                    bos_token=self._piece(self.bos_token_id), eos_token=self._piece(self.eos_token_id))
+
+    def _piece(self, token_id: int | None) -> str:
+        return "" if token_id is None else self.sp.id_to_piece(token_id)
 
     def save_pretrained(self, directory: str | os.PathLike) -> None:
         """Copy the model file to ``directory/tokenizer.model`` (where ``load_tokenizer`` looks)."""
@@ -127,6 +139,19 @@ def _load_hf(path: Path) -> HFTokenizer:
         return HFTokenizer(AutoTokenizer.from_pretrained(str(path), local_files_only=True), name=str(path))
     except (OSError, ValueError, KeyError) as e:
         raise DataError(f"could not load the Hugging Face tokenizer in '{path}': {e}") from e
+
+
+def render_chat_template(template: str, messages: list[dict], add_generation_prompt: bool = False,
+                         **variables) -> str:
+    """Render a Hugging Face-style Jinja chat template (sandboxed, trim_blocks/lstrip_blocks like transformers)."""
+    from jinja2 import TemplateError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+    environment = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+    try:
+        return environment.from_string(template).render(messages=messages, add_generation_prompt=add_generation_prompt,
+                                                        **variables)
+    except TemplateError as e:
+        raise DataError(f"the chat template does not render: {e}") from e
 
 
 def train_sentencepiece(source, model_prefix: str | os.PathLike, vocab_size: int, **options) -> Path:
@@ -184,4 +209,4 @@ def _first_id(*ids: int | None) -> int:
 
 def _no_chat_template(name: str) -> DataError:
     return DataError(f"tokenizer '{name}' has no chat template; set data.template: alpaca (or chatml) to use "
-                     f"a built-in template")
+                     f"a built-in template, or give a Jinja chat template (a .jinja file) as data.template")

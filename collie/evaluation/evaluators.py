@@ -1,12 +1,19 @@
-"""Evaluators: perplexity weighted by tokens, and exact match of generated responses."""
+"""Evaluators: perplexity weighted by tokens, text metrics of generated responses (exact match, BLEU, ROUGE)
+and log-likelihood multiple choice / classification (``collie.evaluation.choice``)."""
 from __future__ import annotations
 
 import math
+from typing import Sequence
 
 import torch
 
-from collie.evaluation.generation import generate
+from collie.evaluation.choice import CHOICE_METRICS, choice_eval, load_choice_records
+from collie.evaluation.generation import cut_at_stop, generate
+from collie.evaluation.metrics import TEXT_METRICS, get_text_metric
 from collie.trainer.loss import IGNORE_INDEX, count_loss_tokens
+
+__all__ = ["CHOICE_METRICS", "TEXT_METRICS", "choice_eval", "exact_match", "generation_metrics",
+           "load_choice_records", "perplexity", "split_prompt_response"]
 
 
 @torch.no_grad()
@@ -33,16 +40,30 @@ def split_prompt_response(input_ids: list[int], labels: list[int], eos_id: int |
 
 
 @torch.no_grad()
+def generation_metrics(model, dataset, tokenizer, batch_size: int, max_new_tokens: int, limit: int | None = None,
+                       device=None, metrics: Sequence[str] = ("exact_match",), stop: Sequence[str] = (),
+                       pad_to_multiple_of: int = 1) -> dict:
+    """Greedy responses to the prompts of instruction samples, scored against their reference responses by the
+    named ``TEXT_METRICS`` (one generation pass for all of them), plus ``samples``. ``pad_to_multiple_of``: see
+    ``generate``."""
+    scorers = [get_text_metric(name) for name in metrics]
+    count = len(dataset) if limit is None else min(limit, len(dataset))
+    pairs = [split_prompt_response(s["input_ids"].tolist(), s["labels"].tolist(), tokenizer.eos_token_id)
+             for s in (dataset[i] for i in range(count))]
+    predictions = []
+    for start in range(0, len(pairs), batch_size):
+        prompts = [prompt for prompt, _ in pairs[start:start + batch_size]]
+        outputs = generate(model, prompts, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                           device=device, stop=stop, decode=tokenizer.decode, pad_to_multiple_of=pad_to_multiple_of)
+        predictions += [cut_at_stop(tokenizer.decode(out), stop).strip() for out in outputs]
+    references = [tokenizer.decode(reference).strip() for _, reference in pairs]
+    results = {}
+    for scorer in scorers:
+        results.update(scorer(predictions, references))
+    return {**results, "samples": len(pairs)}
+
+
 def exact_match(model, dataset, tokenizer, batch_size: int, max_new_tokens: int, limit: int | None = None,
                 device=None) -> dict:
     """Fraction of samples whose greedy continuation equals the reference response (compared as text)."""
-    pairs = [split_prompt_response(s["input_ids"].tolist(), s["labels"].tolist(), tokenizer.eos_token_id)
-             for s in (dataset[i] for i in range(len(dataset) if limit is None else min(limit, len(dataset))))]
-    correct = 0
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start:start + batch_size]
-        outputs = generate(model, [p for p, _ in chunk], max_new_tokens, tokenizer.eos_token_id,
-                           tokenizer.pad_token_id, device=device)
-        correct += sum(tokenizer.decode(out).strip() == tokenizer.decode(ref).strip()
-                       for out, (_, ref) in zip(outputs, chunk))
-    return {"exact_match": correct / max(len(pairs), 1), "samples": len(pairs)}
+    return generation_metrics(model, dataset, tokenizer, batch_size, max_new_tokens, limit, device)

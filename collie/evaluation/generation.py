@@ -1,18 +1,41 @@
-"""Batched text generation with left padding: greedy or temperature/top-p sampling, stop at EOS."""
+"""Batched text generation with a KV cache and left padding: greedy or temperature/top-p sampling, stopping at
+EOS or at stop strings.
+
+Left-padded rows get an attention mask and position ids that start at 0 on their first real token, so every row
+continues exactly as it would alone. Models whose ``forward`` takes ``cache`` (collie's decoder) feed only the
+new token each step; any other ``(ids, position_ids=, attention_mask=) -> logits`` callable recomputes the
+whole sequence.
+"""
 from __future__ import annotations
 
+import inspect
+from typing import Callable, Sequence
+
 import torch
+import torch.nn.functional as F
+
+from collie.distributed import full_logits
+from collie.errors import ConfigError
+from collie.models.components import KVCache
 
 
-def left_pad(sequences: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded ids and the matching 1/0 attention mask."""
+def left_pad(sequences: list[list[int]], pad_id: int, device, multiple: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids (width a multiple of ``multiple``) and the matching 1/0 attention mask."""
     width = max(len(s) for s in sequences)
+    width += -width % multiple
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(sequences), width), dtype=torch.long)
     for i, seq in enumerate(sequences):
         ids[i, width - len(seq):] = torch.tensor(seq, dtype=torch.long)
         mask[i, width - len(seq):] = 1
     return ids.to(device), mask.to(device)
+
+
+def check_sampling(temperature: float, top_p: float) -> None:
+    if temperature < 0:
+        raise ConfigError(f"temperature={temperature} is negative; use 0 for greedy decoding or a value > 0")
+    if not 0 < top_p <= 1:
+        raise ConfigError(f"top_p={top_p} is outside (0, 1]; 1 samples from the whole distribution")
 
 
 def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generator=None) -> torch.Tensor:
@@ -27,32 +50,93 @@ def sample_next(logits: torch.Tensor, temperature: float, top_p: float, generato
     return order.gather(-1, choice).squeeze(-1)
 
 
+def accepts_cache(model) -> bool:
+    """Whether ``model``'s forward takes a ``cache`` argument (a ``KVCache``)."""
+    try:
+        return "cache" in inspect.signature(getattr(model, "forward", model)).parameters
+    except (TypeError, ValueError):  # builtins and C callables have no signature
+        return False
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """``text`` up to the earliest occurrence of any stop string."""
+    cut = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=len(text))
+    return text[:cut]
+
+
 @torch.no_grad()
 def generate(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int | None, pad_id: int,
-             temperature: float = 0.0, top_p: float = 1.0, generator=None, device=None) -> list[list[int]]:
+             temperature: float = 0.0, top_p: float = 1.0, generator=None, device=None, *,
+             stop: Sequence[str] = (), decode: Callable[[list[int]], str] | None = None,
+             use_cache: bool | None = None, pad_to_multiple_of: int = 1) -> list[list[int]]:
     """Continue each prompt by up to ``max_new_tokens`` tokens; returns only the new tokens, EOS excluded.
 
-    ``model`` is any callable ``(ids, position_ids=, attention_mask=) -> logits``; ``device`` defaults to the
-    device of its parameters."""
-    device = device or next(model.parameters()).device
-    ids, mask = left_pad(prompts, pad_id, device)
-    done = torch.zeros(len(prompts), dtype=torch.bool, device=device)
-    new_tokens = []
+    ``model`` is any callable ``(ids, position_ids=, attention_mask=) -> logits`` (tensor-parallel logits are
+    gathered); ``device`` defaults to the device of its parameters. A row also stops once ``decode`` of its new
+    tokens contains a ``stop`` string; its tokens then end with the one that completed it (``cut_at_stop``
+    trims the text). ``use_cache`` defaults to ``accepts_cache(model)``. ``pad_to_multiple_of`` > 1 (tensor
+    parallel degree under sequence parallelism, which splits the sequence evenly) left-pads every input to a
+    multiple and recomputes the sequence each step: one new token cannot be split.
+    """
+    check_sampling(temperature, top_p)
+    if stop and decode is None:
+        raise ConfigError("stop strings need decode= (the tokenizer's decode) to be checked")
+    device = device or next(iter(model.parameters())).device
+    use_cache = accepts_cache(model) and pad_to_multiple_of == 1 if use_cache is None else use_cache
+    cache = KVCache() if use_cache else None
+    ids, mask = left_pad(prompts, pad_id, device, pad_to_multiple_of)
+    inputs, positions, model_mask = ids, _positions(mask), mask
+    lengths = [None] * len(prompts)  # tokens kept per row, set when the row stops
+    rows: list[list[int]] = [[] for _ in prompts]
     for _ in range(max_new_tokens):
-        positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        logits = model(ids, position_ids=positions, attention_mask=mask)[:, -1]
+        logits = full_logits(model(inputs, position_ids=positions, attention_mask=model_mask,
+                                   **({} if cache is None else {"cache": cache})))[:, -1]
         token = sample_next(logits, temperature, top_p, generator)
+        done = torch.tensor([n is not None for n in lengths], device=device)
         token = torch.where(done, torch.full_like(token, pad_id), token)  # finished rows only pad
-        new_tokens.append(token)
-        if eos_id is not None:
-            done |= token == eos_id
-        ids = torch.cat([ids, token[:, None]], dim=1)
+        _record(rows, lengths, token.tolist(), eos_id, stop, decode)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-        if done.all():
+        if cache is None:
+            ids = torch.cat([ids, token[:, None]], dim=1)
+            inputs, model_mask = _pad_left(ids, mask, pad_id, pad_to_multiple_of)
+            positions = _positions(model_mask)
+        else:
+            inputs, positions, model_mask = token[:, None], positions[:, -1:] + 1, mask
+        if all(n is not None for n in lengths):
             break
-    out = torch.stack(new_tokens, dim=1).tolist() if new_tokens else [[] for _ in prompts]
-    return [_until_eos(row, eos_id) for row in out]
+    return [row if n is None else row[:n] for row, n in zip(rows, lengths)]
 
 
-def _until_eos(tokens: list[int], eos_id: int | None) -> list[int]:
-    return tokens[:tokens.index(eos_id)] if eos_id is not None and eos_id in tokens else tokens
+def _pad_left(ids: torch.Tensor, mask: torch.Tensor, pad_id: int, multiple: int):
+    extra = -ids.shape[1] % multiple
+    if not extra:
+        return ids, mask
+    return F.pad(ids, (extra, 0), value=pad_id), F.pad(mask, (extra, 0))
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def _record(rows, lengths, tokens: list[int], eos_id, stop, decode) -> None:
+    """Append each running row's token; set its kept length when it hits EOS (excluded) or a stop string."""
+    for i, token in enumerate(tokens):
+        if lengths[i] is not None:
+            continue
+        rows[i].append(token)
+        if token == eos_id:
+            lengths[i] = len(rows[i]) - 1
+        elif stop and any(s in decode(rows[i]) for s in stop):
+            lengths[i] = len(rows[i])
+
+
+def generate_text(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 32, temperature: float = 0.0,
+                  top_p: float = 1.0, seed: int = 0, stop: Sequence[str] = (), device=None) -> list[str]:
+    """The continuation text of each prompt (encoded with BOS), cut before the first stop string. Sampling
+    draws from a ``torch.Generator`` seeded with ``seed``, so a seed gives the same texts every run."""
+    device = device or next(iter(model.parameters())).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    encoded = [tokenizer.encode(p, add_bos=True) for p in prompts]
+    outputs = generate(model, encoded, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id,
+                       temperature, top_p, generator, device, stop=stop, decode=tokenizer.decode)
+    return [cut_at_stop(tokenizer.decode(out), stop) for out in outputs]

@@ -4,10 +4,11 @@ Importing this package registers the built-in architectures (llama, mistral, qwe
 """
 from collie.models.args import ModelArgs
 from collie.models.cards import list_cards, load_card
+from collie.models.components import KVCache
 from collie.models.hf_io import from_pretrained, iter_hf_tensors, load_hf_config, load_hf_weights, save_pretrained
 from collie.models.llama import InternLM2ForCausalLM, LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
 from collie.models.registry import build_model, get_model_class, list_models, model_class_for_hf, register_model
 
-__all__ = ["InternLM2ForCausalLM", "LlamaForCausalLM", "MistralForCausalLM", "ModelArgs", "Qwen2ForCausalLM",
+__all__ = ["InternLM2ForCausalLM", "KVCache", "LlamaForCausalLM", "MistralForCausalLM", "ModelArgs", "Qwen2ForCausalLM",
            "build_model", "from_pretrained", "get_model_class", "iter_hf_tensors", "list_cards", "list_models",
            "load_card", "load_hf_config", "load_hf_weights", "model_class_for_hf", "register_model", "save_pretrained"]

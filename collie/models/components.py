@@ -75,11 +75,12 @@ class RotaryEmbedding(nn.Module):
         self.reset_parameters()
         return self
 
-    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        scaling = self.args.rope_scaling
-        if scaling and scaling["rope_type"] == "dynamic" and position_ids.shape[-1] > self.args.max_position_embeddings:
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype,
+                past_len: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        scaling, length = self.args.rope_scaling, past_len + position_ids.shape[-1]
+        if scaling and scaling["rope_type"] == "dynamic" and length > self.args.max_position_embeddings:
             raise ValueError(f"dynamic rope scaling is implemented up to max_position_embeddings="
-                             f"{self.args.max_position_embeddings}; got {position_ids.shape[-1]} positions")
+                             f"{self.args.max_position_embeddings}; got {length} positions")
         freqs = position_ids[..., None].float() * self.inv_freq
         angles = torch.cat((freqs, freqs), dim=-1)
         return (angles.cos() * self.attention_scaling).to(dtype), (angles.sin() * self.attention_scaling).to(dtype)
@@ -104,35 +105,72 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
 
 
 def build_attention_mask(padding_mask: torch.Tensor | None, seq_len: int, sliding_window: int | None,
-                         device: torch.device) -> torch.Tensor | None:
-    """Boolean (batch|1, 1, seq, seq) mask of allowed keys, or None when plain causal attention is exact.
+                         device: torch.device, past_len: int = 0) -> torch.Tensor | None:
+    """Boolean (batch|1, 1, seq, past+seq) mask of allowed keys, or None when plain causal attention is exact.
 
-    ``padding_mask`` is the Hugging Face 2-D mask (1 = token, 0 = padding), or a boolean (batch, 1, seq, seq)
-    mask of allowed keys that is combined with causality (and the sliding window). A mask with only right padding
-    keeps the causal fast path: real tokens never see the padding after them (outputs at padding positions
-    are unspecified). Query rows that would see no key at all (left padding) attend to themselves, which
-    keeps them finite.
+    ``padding_mask`` is the Hugging Face 2-D mask over all past+seq positions (1 = token, 0 = padding), or a
+    boolean (batch, 1, seq, seq) mask of allowed keys that is combined with causality (and the sliding window).
+    A mask with only right padding keeps the causal fast path: real tokens never see the padding after them
+    (outputs at padding positions are unspecified). Query rows that would see no key at all (left padding)
+    attend to themselves, which keeps them finite. ``past_len`` counts the cached positions before these
+    ``seq_len`` queries; SDPA's ``is_causal`` aligns to the top left, so any cache needs an explicit mask.
     """
-    windowed = sliding_window is not None and seq_len > sliding_window
+    total = past_len + seq_len
+    windowed = sliding_window is not None and total > sliding_window
     full_mask = padding_mask is not None and padding_mask.dim() == 4
-    if not windowed and not full_mask and (padding_mask is None or _is_right_padded(padding_mask)):
+    if not past_len and not windowed and not full_mask and (padding_mask is None or _is_right_padded(padding_mask)):
         return None
-    index = torch.arange(seq_len, device=device)
-    allowed = index[None, :] <= index[:, None]
+    query, key = torch.arange(past_len, total, device=device)[:, None], torch.arange(total, device=device)[None]
+    allowed = key <= query
     if windowed:
-        allowed &= index[None, :] > index[:, None] - sliding_window
+        allowed &= key > query - sliding_window
     allowed = allowed[None, None]
     if full_mask:  # the caller's own (batch, 1, seq, seq) mask, e.g. per-document attention of packed data
         return allowed & padding_mask.bool()
     if padding_mask is not None:
         allowed = allowed & padding_mask.bool()[:, None, None, :]
-        allowed = allowed | torch.eye(seq_len, dtype=torch.bool, device=device)
+        allowed = allowed | (key == query)
     return allowed
 
 
 def _is_right_padded(padding_mask: torch.Tensor) -> bool:
     mask = padding_mask.bool()
     return bool((mask[:, 1:] <= mask[:, :-1]).all())
+
+
+class LayerKV:
+    """One layer's cached keys and values, (batch, kv_heads, positions, head_dim) each."""
+
+    def __init__(self):
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Add the new positions' keys and values; returns those of all positions so far."""
+        if self.k is not None:
+            k, v = torch.cat([self.k, k], dim=2), torch.cat([self.v, v], dim=2)
+        self.k, self.v = k, v
+        return k, v
+
+
+class KVCache:
+    """Keys and values of the tokens already seen, per decoder layer, for incremental decoding.
+
+    Pass one (empty) to the model's ``forward(..., cache=)`` with the prompt, then again with each new token
+    only; every attention layer appends to its ``LayerKV``. Training never builds one.
+    """
+
+    def __init__(self):
+        self.layers: dict[str, LayerKV] = {}
+
+    def layer(self, name: str) -> LayerKV:
+        return self.layers.setdefault(name, LayerKV())
+
+    @property
+    def length(self) -> int:
+        """Positions cached so far (0 before the first forward)."""
+        first = next(iter(self.layers.values()), None)
+        return 0 if first is None or first.k is None else first.k.shape[2]
 
 
 class Attention(nn.Module):
@@ -148,11 +186,13 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(args.num_attention_heads * head_dim, hidden, bias=args.o_bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
+                mask: torch.Tensor | None = None, cache: LayerKV | None = None) -> torch.Tensor:
         batch, seq, _ = x.shape
         q, k, v = (proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
                    for proj in (self.q_proj, self.k_proj, self.v_proj))
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.append(k, v)
         n_rep = q.shape[1] // k.shape[1]
         out = F.scaled_dot_product_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), attn_mask=mask,
                                              is_causal=mask is None)
@@ -184,6 +224,7 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+                mask: torch.Tensor | None = None, cache: LayerKV | None = None) -> torch.Tensor:
+        # cache by keyword: sequence-parallel plans prepare self_attn's four positional inputs
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache=cache)
         return x + self.mlp(self.post_attention_layernorm(x))

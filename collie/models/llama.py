@@ -17,7 +17,7 @@ from torch import nn
 
 from collie.errors import ConfigError
 from collie.models.args import ModelArgs
-from collie.models.components import DecoderLayer, RMSNorm, RotaryEmbedding, build_attention_mask
+from collie.models.components import DecoderLayer, KVCache, RMSNorm, RotaryEmbedding, build_attention_mask
 from collie.models.registry import register_model
 from collie.schema import from_dict
 
@@ -40,15 +40,16 @@ class LlamaModel(nn.Module):
         self.sliding_window = args.sliding_window
 
     def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attention_mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
         h = tokens if self.embed_tokens is None else self.embed_tokens(tokens)
         seq_len = h.shape[1] if position_ids is None else position_ids.shape[-1]  # h may be sequence-sharded
+        past_len = 0 if cache is None else cache.length
         if position_ids is None:
-            position_ids = torch.arange(seq_len, device=h.device)[None]
-        cos, sin = self.rotary_emb(position_ids, h.dtype)
-        mask = build_attention_mask(attention_mask, seq_len, self.sliding_window, h.device)
-        for layer in self.layers.values():
-            h = layer(h, cos, sin, mask)
+            position_ids = torch.arange(past_len, past_len + seq_len, device=h.device)[None]
+        cos, sin = self.rotary_emb(position_ids, h.dtype, past_len)
+        mask = build_attention_mask(attention_mask, seq_len, self.sliding_window, h.device, past_len)
+        for name, layer in self.layers.items():
+            h = layer(h, cos, sin, mask, cache=None if cache is None else cache.layer(name))
         return h if self.norm is None else self.norm(h)
 
 
@@ -66,13 +67,15 @@ class LlamaForCausalLM(nn.Module):
         self.tie_weights()
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+                attention_mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
         """Logits for token ids (or hidden states when ``embed_tokens`` is None).
 
-        ``position_ids``: (batch|1, seq), default 0..seq-1. ``attention_mask``: Hugging Face 2-D padding mask
-        (1 = token, 0 = padding, left padding allowed); None = every token is real (causal fast path).
+        ``position_ids``: (batch|1, seq), default 0..seq-1 after any cached positions. ``attention_mask``:
+        Hugging Face 2-D padding mask over cached and new positions (1 = token, 0 = padding, left padding
+        allowed); None = every token is real (causal fast path). ``cache``: a ``KVCache`` for incremental
+        decoding, which then takes only the new tokens.
         """
-        h = self.model(input_ids, position_ids, attention_mask)
+        h = self.model(input_ids, position_ids, attention_mask, cache)
         return h if self.lm_head is None else self.lm_head(h)
 
     def tie_weights(self) -> None:

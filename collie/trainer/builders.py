@@ -74,20 +74,32 @@ def build_model(cfg, args, ctx):
             model = model.to(dtype)
         model = apply_peft(model, cfg.peft, seed)
         apply_activation_checkpointing(model, m.activation_checkpointing, m.checkpoint_every)
-        return model
+        return compile_layers(model, cfg.train)
     meta = apply_peft(build_arch(args, device="meta").to(dtype), cfg.peft, seed, ctx.world_size)
     adapters = lora_initial_state(meta, seed) if cfg.peft.method == "lora" else {}
     options = dict(activation_checkpointing=m.activation_checkpointing, checkpoint_every=m.checkpoint_every,
                    compute_dtype=compute_dtype(cfg) if master_weights(cfg) else None)
     if not m.pretrained:
         base = default_init_fn(type(meta), args, seed, dtype)
-        return parallelize(meta, args, cfg.parallel, ctx, ctx.device, init_fn=lambda: {**base(), **adapters},
-                           **options)
-    model = parallelize(meta, args, cfg.parallel, ctx, ctx.device, **options)
-    read = load_hf_checkpoint(model, m.pretrained)  # each rank reads only its own shards
-    logger.info("rank %d read %.1f MiB of %s", ctx.rank, read / 2**20, m.pretrained)
-    if adapters:
-        load_full_state_dict(model, adapters)
+        model = parallelize(meta, args, cfg.parallel, ctx, ctx.device, init_fn=lambda: {**base(), **adapters},
+                            **options)
+    else:
+        model = parallelize(meta, args, cfg.parallel, ctx, ctx.device, **options)
+        read = load_hf_checkpoint(model, m.pretrained)  # each rank reads only its own shards
+        logger.info("rank %d read %.1f MiB of %s", ctx.rank, read / 2**20, m.pretrained)
+        if adapters:
+            load_full_state_dict(model, adapters)
+    for part in model.parts:
+        compile_layers(part, cfg.train)
+    return model
+
+
+def compile_layers(model, train_cfg):
+    """``torch.compile`` each decoder layer in place (``train.compile``): layer by layer keeps compile time and
+    graph breaks local, and composes with activation checkpointing, FSDP2 and pipeline stages."""
+    if train_cfg.compile:
+        for layer in model.model.layers.values():
+            layer.compile(backend=train_cfg.compile_backend)
     return model
 
 

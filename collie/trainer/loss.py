@@ -1,6 +1,7 @@
 """Causal language-model loss, summed over label tokens so that micro-batches and ranks can be combined exactly."""
 import torch
 import torch.nn.functional as F
+from torch.utils.checkpoint import checkpoint
 
 IGNORE_INDEX = -100
 
@@ -23,3 +24,21 @@ def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
 
 def count_loss_tokens(labels: torch.Tensor) -> torch.Tensor:
     return (shift_labels(labels) != IGNORE_INDEX).sum()
+
+
+def chunked_lm_loss_sum(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
+                        chunk: int) -> torch.Tensor:
+    """``causal_lm_loss_sum(head(hidden), labels)`` computed ``chunk`` positions at a time; each chunk's logits
+    are recomputed in backward, so at most (batch, chunk, vocab) logits exist instead of the whole sequence's
+    (4 GiB of fp32 logits for 4 × 2048 tokens of a 128k vocabulary)."""
+    targets = shift_labels(labels)
+    total = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[1], chunk):
+        piece = slice(start, start + chunk)
+        total = total + checkpoint(_chunk_loss_sum, head, hidden[:, piece], targets[:, piece], use_reentrant=False)
+    return total
+
+
+def _chunk_loss_sum(head, hidden, targets):
+    return F.cross_entropy(head(hidden).flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="sum")

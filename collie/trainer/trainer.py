@@ -21,15 +21,17 @@ from collie.data.collate import pad_collate
 from collie.data.loader import BatchStream
 from collie.data.pretrain import document_causal_mask
 from collie.distributed import clip_grad_norm_, full_logits, init_parallel, vocab_parallel_loss_sum
+from collie.distributed.deepspeed_engine import build_deepspeed_model
 from collie.errors import CollieError
 from collie.evaluation import evaluators
 from collie.log import setup_logging
+from collie.monitor.meters import synchronize
 from collie.monitor import Monitor, ProgressBar
 from collie.optim import DynamicLossScaler, build_optimizer, refresh_hessian, sophia_refresh_due
 from collie.trainer import builders
 from collie.trainer import checkpoint as ckpt
 from collie.trainer.callbacks import CallbackList
-from collie.trainer.loss import count_loss_tokens
+from collie.trainer.loss import chunked_lm_loss_sum, count_loss_tokens
 from collie.trainer.schedule import build_scheduler
 
 logger = logging.getLogger("collie")
@@ -90,16 +92,21 @@ class Trainer:
         return getattr(self.model, "parts", [self.model])
 
     @property
+    def has_evaluation(self) -> bool:
+        return self.eval_dataset is not None or bool(self.cfg.eval.choice_file)
+
+    @property
+    def deepspeed(self) -> bool:
+        return self.cfg.parallel.engine == "deepspeed"
+
+    @property
     def pipeline(self):
         """The pipeline runner when ``parallel.pp > 1``, else None."""
         return getattr(self.model, "runner", None)
 
     def autocast(self):
-        precision = self.cfg.train.precision
-        if precision == "fp32":
-            return contextlib.nullcontext()
-        dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-        return torch.autocast(self.device.type, dtype=dtype)
+        dtype = builders.compute_dtype(self.cfg)
+        return contextlib.nullcontext() if dtype is None else torch.autocast(self.device.type, dtype=dtype)
 
     # --- setup -----------------------------------------------------------------------------------------------
     def _load_data(self, files, split):
@@ -115,11 +122,16 @@ class Trainer:
             self.model.prepare_optimizer(self.optimizer)  # ZeRO-1 shards the optimizer state
         self.scheduler = build_scheduler(self.optimizer, self.cfg.optim, self.cfg.train.max_steps)
         self.fused = getattr(self.optimizer, "fused_backward", False)
-        fp16 = self.cfg.train.precision == "fp16"
+        fp16 = builders.compute_dtype(self.cfg) == torch.float16
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=fp16 and not self.fused)
         if self.fused:  # LOMO / AdaLomo update inside backward; FSDP2/replicate have already reduced the gradient
+            # [reliability] all-or-nothing non-finite steps unless optim.args.guard_nonfinite=false (fused.py)
             self.optimizer.setup_training(dp_group=self.ctx.dp_group, grad_reduce="none",
-                                          loss_scaler=DynamicLossScaler() if fp16 else None)
+                                          loss_scaler=DynamicLossScaler() if fp16 else None,
+                                          guard_nonfinite=self.cfg.optim.args.get("guard_nonfinite", True))
+        if self.deepspeed:  # it reduces, clips, scales and steps from here on
+            self.model = build_deepspeed_model(self.model, self.optimizer, self.cfg, self.ctx)
+            self.scaler = torch.amp.GradScaler(self.device.type, enabled=False)
 
     def collate(self, samples):
         """Pad a batch to its longest sample; under pipeline parallelism always to ``data.seq_len`` (stages fix
@@ -157,7 +169,7 @@ class Trainer:
         self.model.train()
         previous_handler = signal.signal(signal.SIGTERM, self._request_stop)
         self.callbacks.fire("on_train_begin", self)
-        if self.eval_dataset is not None and cfg.eval.before_training and self.state.step == 0:
+        if self.has_evaluation and cfg.eval.before_training and self.state.step == 0:
             self.evaluate()
         while self.state.step < cfg.train.max_steps:
             self.callbacks.fire("on_step_begin", self)
@@ -165,6 +177,7 @@ class Trainer:
             micro_batches = [next(self.batches) for _ in range(cfg.train.grad_accum_steps)]
             data_time = time.perf_counter() - t0
             metrics = self.train_fn(micro_batches)
+            synchronize(self.device)  # CUDA runs asynchronously: the step's kernels finish before the clock is read
             self.state.step += 1
             metrics.update(step_time_s=time.perf_counter() - t0, data_time_s=data_time)
             self.callbacks.fire("on_step_end", self, metrics)
@@ -172,13 +185,13 @@ class Trainer:
                 logger.warning("SIGTERM received: saving a checkpoint at step %d and stopping", self.state.step)
                 self.save_checkpoint()
                 break
-            if self._due(cfg.eval.every_steps) and self.eval_dataset is not None:
+            if self._due(cfg.eval.every_steps) and self.has_evaluation:
                 self.evaluate()
             if self._due(cfg.checkpoint.every_steps):
                 self.save_checkpoint()
         signal.signal(signal.SIGTERM, previous_handler)
         finished = self.state.step >= cfg.train.max_steps
-        results = self.evaluate() if self.eval_dataset is not None and finished else {}
+        results = self.evaluate() if self.has_evaluation and finished else {}
         every = cfg.checkpoint.every_steps
         if finished and (cfg.checkpoint.save_final or (every and self.state.step % every == 0)):
             self.save_checkpoint()
@@ -245,6 +258,20 @@ class Trainer:
                                               self.attention_mask(batch))
         return vocab_parallel_loss_sum(self.forward(batch), batch["labels"])
 
+    def training_loss_sum(self, batch: dict) -> torch.Tensor:
+        """Summed token loss to backpropagate: the vocab-parallel loss, or with ``train.loss_chunk_size`` the LM
+        head and loss chunk by chunk (the model runs without its head, which then takes the hidden states)."""
+        chunk = self.cfg.train.loss_chunk_size
+        if not chunk:
+            return vocab_parallel_loss_sum(self.forward(batch), batch["labels"])
+        head, self.model.lm_head = self.model.lm_head, None
+        try:
+            hidden = self.forward(batch)
+        finally:
+            self.model.lm_head = head
+        with self.autocast():
+            return chunked_lm_loss_sum(head, hidden, batch["labels"], chunk)
+
     def _forward_backward(self, batch: dict, denominator: torch.Tensor, last: bool) -> torch.Tensor:
         if hasattr(self.model, "set_gradient_sync"):
             self.model.set_gradient_sync(last)  # reduce gradients once per step, not per micro-batch
@@ -252,14 +279,18 @@ class Trainer:
             with self.autocast():
                 return self.pipeline.step(batch["input_ids"], batch["labels"], batch.get("position_ids"),
                                           self.attention_mask(batch), loss_denominator=denominator)
-        loss = vocab_parallel_loss_sum(self.forward(batch), batch["labels"]) / denominator
+        loss = self.training_loss_sum(batch) / denominator
         if self.fused:
             self.optimizer.backward(loss)  # updates parameters inside backward on the last micro-batch
+        elif self.deepspeed:
+            self.model.backward(loss)  # and DeepSpeed's step, which updates after the last micro-batch
         else:
             self.scaler.scale(loss).backward()
         return loss.detach()
 
     def _optimizer_step(self, loss: torch.Tensor) -> tuple[bool, torch.Tensor]:
+        if self.deepspeed:  # already stepped; DeepSpeed skips overflowing fp16 steps itself
+            return bool(torch.isfinite(loss)), self.model.grad_norm()
         grad_norm = self._clip_gradients()
         finite = bool(torch.isfinite(loss) and torch.isfinite(grad_norm))
         if finite:
@@ -308,16 +339,23 @@ class Trainer:
         return results
 
     def eval_fn(self) -> dict:
-        results = {}
-        if "perplexity" in self.cfg.eval.metrics:
+        cfg, results = self.cfg.eval, {}
+        if "perplexity" in cfg.metrics and self.eval_dataset is not None:
             results.update(evaluators.perplexity(self.eval_batches(), self.loss_sum, self.ctx.dp_sum))
-        if "exact_match" in self.cfg.eval.metrics:
-            limit = None if self.cfg.eval.max_batches is None else self.cfg.eval.max_batches * self.cfg.eval.batch_size
-            model = lambda *a, **k: full_logits(self.model(*a, **k))  # noqa: E731 — generation needs the vocabulary
-            with self.autocast():
-                results.update(evaluators.exact_match(model, self.eval_dataset, self.tokenizer,
-                                                      self.cfg.eval.batch_size, self.cfg.eval.max_new_tokens,
-                                                      limit, self.device))
+        limit = None if cfg.max_batches is None else cfg.max_batches * cfg.batch_size
+        # pp = 1 (config check): the whole tp/dp-wrapped model, whose forward takes a KV cache; sequence
+        # parallel splits the sequence evenly, so generation pads to a multiple of tp (and recomputes)
+        model, multiple = self.model_parts[0], self.ctx.tp if self.cfg.parallel.sequence_parallel else 1
+        text_metrics = [m for m in cfg.metrics if m in evaluators.TEXT_METRICS]
+        with self.autocast():
+            if text_metrics and self.eval_dataset is not None:
+                results.update(evaluators.generation_metrics(
+                    model, self.eval_dataset, self.tokenizer, cfg.batch_size, cfg.max_new_tokens, limit,
+                    self.device, text_metrics, cfg.stop, multiple))
+            if any(m in evaluators.CHOICE_METRICS for m in cfg.metrics):
+                results.update(evaluators.choice_eval(
+                    model, evaluators.load_choice_records(cfg.choice_file), self.tokenizer, cfg.batch_size,
+                    limit, self.device, f1="classification" in cfg.metrics, pad_to_multiple_of=multiple))
         return results
 
     def save_checkpoint(self) -> str:

@@ -1,0 +1,71 @@
+"""A research extension without touching collie: QK-norm attention (RMSNorm on each head's queries and keys
+before the rotary embedding, as in OLMo 2 and Qwen3), registered as a new architecture and trained by the
+unchanged Trainer.
+
+    python examples/custom_model.py configs/sft_tiny.yaml [section.key=value ...]
+
+``@collie.register_model("llama-qknorm")`` makes the class buildable by name: a config selects it with
+``model.arch.architecture=llama-qknorm`` (or ``architecture: llama-qknorm`` in a model card), and the saved
+Hugging Face directory names it in config.json, so ``collie.from_pretrained`` builds this class again.
+Parallel plans, checkpoints, PEFT and the optimizers apply to it as to any Llama.
+"""
+import sys
+
+import torch
+import torch.nn.functional as F
+
+import collie
+from collie.models import LlamaForCausalLM
+from collie.models.components import Attention, RMSNorm, apply_rotary, repeat_kv
+
+
+class QKNormAttention(Attention):
+    """Attention whose per-head queries and keys are RMS-normalized (learned scale) before rotary positions."""
+
+    def __init__(self, args: collie.ModelArgs):
+        super().__init__(args)
+        self.q_norm = RMSNorm(self.head_dim, args.rms_norm_eps)
+        self.k_norm = RMSNorm(self.head_dim, args.rms_norm_eps)
+
+    def forward(self, x, cos, sin, mask=None, cache=None):
+        batch, seq, _ = x.shape
+        q, k, v = (proj(x).view(batch, seq, -1, self.head_dim) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = self.q_norm(q).transpose(1, 2), self.k_norm(k).transpose(1, 2), v.transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if cache is not None:
+            k, v = cache.append(k, v)
+        n_rep = q.shape[1] // k.shape[1]
+        out = F.scaled_dot_product_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), attn_mask=mask,
+                                             is_causal=mask is None)
+        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+
+
+@collie.register_model("llama-qknorm")
+class QKNormLlama(LlamaForCausalLM):
+    """A Llama decoder whose layers use QKNormAttention; weights, init and I/O are inherited."""
+    hf_architecture, hf_model_type = "LlamaQKNormForCausalLM", "llama_qknorm"
+
+    def __init__(self, args: collie.ModelArgs):
+        super().__init__(args)
+        for layer in self.model.layers.values():
+            layer.self_attn = QKNormAttention(args)
+
+
+def main(argv: list[str]) -> int:
+    if not argv:
+        print(__doc__)
+        return 2
+    cfg = collie.CollieConfig.load(argv[0], ["model.arch.architecture=llama-qknorm", *argv[1:]])
+    trainer = collie.Trainer(cfg)
+    trainer.fit()
+    if trainer.is_main_process and cfg.checkpoint.save_final:
+        reloaded = collie.from_pretrained(f"{cfg.train.output_dir}/final")
+        norms = sum(isinstance(m, QKNormAttention) for m in reloaded.modules())
+        print(f"reloaded {type(reloaded).__name__} with {norms} QK-norm attention layers")
+        with torch.no_grad():
+            print("q_norm scale of layer 0 after training:", reloaded.model.layers["0"].self_attn.q_norm.weight[:4])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
