@@ -12,11 +12,10 @@ Parallel plans, checkpoints, PEFT and the optimizers apply to it as to any Llama
 import sys
 
 import torch
-import torch.nn.functional as F
 
 import collie
 from collie.models import LlamaForCausalLM
-from collie.models.components import Attention, RMSNorm, apply_rotary, repeat_kv
+from collie.models.components import Attention, RMSNorm
 
 
 class QKNormAttention(Attention):
@@ -27,17 +26,9 @@ class QKNormAttention(Attention):
         self.q_norm = RMSNorm(self.head_dim, args.rms_norm_eps)
         self.k_norm = RMSNorm(self.head_dim, args.rms_norm_eps)
 
-    def forward(self, x, cos, sin, mask=None, cache=None):
-        batch, seq, _ = x.shape
-        q, k, v = (proj(x).view(batch, seq, -1, self.head_dim) for proj in (self.q_proj, self.k_proj, self.v_proj))
-        q, k, v = self.q_norm(q).transpose(1, 2), self.k_norm(k).transpose(1, 2), v.transpose(1, 2)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if cache is not None:
-            k, v = cache.append(k, v)
-        n_rep = q.shape[1] // k.shape[1]
-        out = F.scaled_dot_product_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), attn_mask=mask,
-                                             is_causal=mask is None)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+    def project(self, x):
+        q, k, v = super().project(x)
+        return self.q_norm(q), self.k_norm(k), v
 
 
 @collie.register_model("llama-qknorm")

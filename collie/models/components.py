@@ -97,7 +97,7 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
-    """(batch, kv_heads, seq, d) → (batch, kv_heads·n_rep, seq, d); works with every SDPA backend."""
+    """(batch, kv_heads, seq, d) → (batch, kv_heads·n_rep, seq, d), for SDPA kernels without a GQA mode."""
     if n_rep == 1:
         return x
     b, h, s, d = x.shape
@@ -188,15 +188,22 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None = None, cache: LayerKV | None = None) -> torch.Tensor:
         batch, seq, _ = x.shape
-        q, k, v = (proj(x).view(batch, seq, -1, self.head_dim).transpose(1, 2)
-                   for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (t.transpose(1, 2) for t in self.project(x))
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.append(k, v)
         n_rep = q.shape[1] // k.shape[1]
-        out = F.scaled_dot_product_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), attn_mask=mask,
-                                             is_causal=mask is None)
+        if mask is None:  # flash attention reads each key/value head for its query group: no repeated copies
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=n_rep > 1)
+        else:  # the memory-efficient kernel (explicit masks) has no GQA mode and would fall back to math
+            out = F.scaled_dot_product_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), attn_mask=mask)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries, keys and values as (batch, seq, heads, head_dim), before rotary positions: the hook for
+        attention variants (e.g. QK-norm in examples/custom_model.py)."""
+        batch, seq, _ = x.shape
+        return tuple(proj(x).view(batch, seq, -1, self.head_dim) for proj in (self.q_proj, self.k_proj, self.v_proj))
 
 
 class MLP(nn.Module):
