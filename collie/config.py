@@ -35,9 +35,9 @@ class ModelConfig:
     pretrained: Optional[str] = _f(None, "local Hugging Face model directory to load architecture and weights "
                                          "from (overrides card); null = random init")
     dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "dtype of the parameters")
-    activation_checkpointing: Literal["none", "full", "selective"] = _f(
-        "none", "recompute activations in backward: none, full (every layer) or selective (every "
-                "`checkpoint_every`-th layer)")
+    activation_checkpointing: Literal["none", "full", "selective", "attention"] = _f(
+        "none", "recompute activations in backward: none, full (every layer), selective (every "
+                "`checkpoint_every`-th layer) or attention (the attention block of every layer)")
     checkpoint_every: int = _f(2, "with activation_checkpointing=selective, checkpoint every n-th layer", min=1)
 
 

@@ -111,8 +111,9 @@ def test_zero_stages_shrink_memory(optimizer, seq_len):
 def test_checkpointing_and_fused_optimizers_save_memory():
     args = load_card("llama2-7b")
     base = Setup(param_dtype="bfloat16", micro_batch_size=4, seq_len=2048)
-    none, selective, full = (estimate_memory(args, base.replace(activation_checkpointing=c))
-                             for c in ("none", "selective", "full"))
+    none, selective, full, attention = (estimate_memory(args, base.replace(activation_checkpointing=c))
+                                        for c in ("none", "selective", "full", "attention"))
+    assert attention.phases["forward_end"] < none.phases["forward_end"]
     assert full.phases["forward_end"] < selective.phases["forward_end"] < none.phases["forward_end"]
     assert full.peak_gib < selective.peak_gib < none.peak_gib
     adamw, lomo, adalomo = (estimate_memory(args, base.replace(optimizer=o)) for o in ("adamw", "lomo", "adalomo"))
@@ -220,6 +221,8 @@ CPU_PEAK_CASES = {
     "fp32_lomo_backward": (dict(optimizer="lomo", micro_batch_size=1, seq_len=8), 0.05),
     "autocast_selective_backward": (dict(precision="bf16", activation_checkpointing="selective",
                                          micro_batch_size=2, seq_len=128), 0.05),
+    "autocast_attention_ckpt_backward": (dict(precision="bf16", activation_checkpointing="attention",
+                                              micro_batch_size=2, seq_len=128), 0.05),
     # LOMO's norm pass (retain_graph) keeps every activation through a first backward: conservative, +2.5%
     "fp32_lomo_norm_pass": (dict(optimizer="lomo", clip_grad_norm=1.0, micro_batch_size=2, seq_len=64), 0.05),
 }

@@ -56,10 +56,11 @@ def test_gradient_accumulation_equals_larger_batch(tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_activation_checkpointing_gives_the_same_training(tmp_path):
+@pytest.mark.parametrize("mode", ["full", "attention"])
+def test_activation_checkpointing_gives_the_same_training(tmp_path, mode):
     plain = Trainer(config(tmp_path / "a", "train.max_steps=2"))
     plain.fit()
-    ckpt = Trainer(config(tmp_path / "b", "train.max_steps=2", "model.activation_checkpointing=full"))
+    ckpt = Trainer(config(tmp_path / "b", "train.max_steps=2", f"model.activation_checkpointing={mode}"))
     ckpt.fit()
     for (name, a), b in zip(plain.model.state_dict().items(), ckpt.model.state_dict().values()):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)

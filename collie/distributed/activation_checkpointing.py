@@ -22,12 +22,21 @@ def checkpointed_class(cls: type) -> type:
     return _CHECKPOINTED[cls]
 
 
+MODES = ("none", "full", "selective", "attention")
+
+
 def apply_activation_checkpointing(model: torch.nn.Module, mode: str, every: int = 2) -> None:
-    """``full``: every decoder layer; ``selective``: every ``every``-th layer; ``none``: nothing."""
-    if mode == "none":
-        return
-    if mode not in ("full", "selective"):
-        raise ConfigError(f"model.activation_checkpointing={mode!r}; choose none, full or selective")
+    """``full``: every decoder layer; ``selective``: every ``every``-th layer; ``attention``: the attention
+    block of every layer (q/k/v, scores and output recomputed; the MLP keeps its activations); ``none``."""
+    if mode not in MODES:
+        raise ConfigError(f"model.activation_checkpointing={mode!r}; choose {', '.join(MODES)}")
     for index, layer in model.model.layers.items():
-        if (mode == "full" or int(index) % every == 0) and type(layer) not in _CHECKPOINTED.values():
-            layer.__class__ = checkpointed_class(type(layer))
+        if mode == "attention":
+            _checkpoint(layer.self_attn)
+        elif mode == "full" or (mode == "selective" and int(index) % every == 0):
+            _checkpoint(layer)
+
+
+def _checkpoint(module: torch.nn.Module) -> None:
+    if type(module) not in _CHECKPOINTED.values():
+        module.__class__ = checkpointed_class(type(module))

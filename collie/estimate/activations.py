@@ -82,6 +82,13 @@ def layer_bytes(args: ModelArgs, setup: Setup) -> dict[str, float]:
     return out
 
 
+def attention_block_bytes(args: ModelArgs, setup: Setup) -> float:
+    """Per token, what checkpointing the attention block saves of a layer: q, k, v, its output and the
+    softmax statistics (its input, the norm output, stays saved as the checkpoint's input)."""
+    saved = layer_bytes(args, setup)
+    return sum(saved[k] for k in ("attn_q", "attn_k", "attn_v", "attn_out", "attn_logsumexp"))
+
+
 def checkpointed_layer_bytes(args: ModelArgs, setup: Setup) -> float:
     """A checkpointed layer keeps only its input: the residual stream (split along the sequence under SP)."""
     share = 1 / setup.tp if setup.sequence_parallel else 1.0

@@ -227,6 +227,8 @@ def _saved_per_microbatch(args: ModelArgs, setup: Setup, stage: Stage, tokens: i
     full = stage.layers - checkpointed
     per_token = full * sum(act.layer_bytes(args, setup).values())
     per_token += checkpointed * act.checkpointed_layer_bytes(args, setup)
+    if setup.activation_checkpointing == "attention":
+        per_token -= full * act.attention_block_bytes(args, setup)
     if stage.has_embedding:
         per_token += act.embedding_bytes() - _frozen_input_savings(args, setup, stage)
     if stage.has_head:

@@ -169,6 +169,8 @@ def _recompute_fraction(setup: Setup) -> float:
         return 1 / 3
     if setup.activation_checkpointing == "selective":
         return 1 / (3 * setup.checkpoint_every)
+    if setup.activation_checkpointing == "attention":  # q/k/v/o are ~1/3 of a Llama layer's weights
+        return 1 / 9
     return 0.0
 
 

@@ -40,12 +40,14 @@ class Setup:
     lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
     param_dtype: str = "float32"  # model.dtype
     precision: str = "fp32"  # train.precision: fp32, or bf16/fp16 autocast
-    activation_checkpointing: str = "none"  # none, full, selective (every checkpoint_every-th layer)
+    activation_checkpointing: str = "none"  # none, full, selective (every checkpoint_every-th layer), attention
     checkpoint_every: int = 2
     micro_batch_size: int = 1
     seq_len: int = 2048
     grad_accum_steps: int = 1
-    expand_kv_heads: bool = True  # collie's attention repeats k/v to all heads before SDPA (HF: enable_gqa)
+    # k/v repeated to every query head before SDPA: collie does so only with an explicit mask (document
+    # masking, sliding windows, left padding); causal training reads them unexpanded (enable_gqa)
+    expand_kv_heads: bool = False
     hold_logits: Optional[bool] = None  # logits alive through backward; None = collie's loop: only under pp
 
     def __post_init__(self):
@@ -106,7 +108,7 @@ class Setup:
         _choice("peft", self.peft, ("none", "lora"))
         _choice("param_dtype", self.param_dtype, tuple(DTYPE_BYTES))
         _choice("precision", self.precision, tuple(PRECISION_DTYPE))
-        _choice("activation_checkpointing", self.activation_checkpointing, ("none", "full", "selective"))
+        _choice("activation_checkpointing", self.activation_checkpointing, ("none", "full", "selective", "attention"))
         _choice("pp_schedule", self.pp_schedule, ("gpipe", "1f1b", "interleaved_1f1b"))
         _choice("pp_split", self.pp_split, ("uniform", "balanced"))
         unknown = [t for t in self.lora_targets if t not in LINEAR_NAMES]
@@ -145,7 +147,8 @@ class Setup:
             lora_r=cfg.peft.r, lora_targets=tuple(cfg.peft.target_modules), param_dtype=param_dtype,
             precision=precision, activation_checkpointing=cfg.model.activation_checkpointing,
             checkpoint_every=cfg.model.checkpoint_every, micro_batch_size=cfg.train.micro_batch_size,
-            seq_len=cfg.data.seq_len, grad_accum_steps=cfg.train.grad_accum_steps)
+            seq_len=cfg.data.seq_len, grad_accum_steps=cfg.train.grad_accum_steps,
+            expand_kv_heads=cfg.data.document_masking)
 
 
 def _choice(name: str, value, choices) -> None:
