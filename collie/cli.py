@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from collie.errors import CollieError
@@ -93,6 +94,20 @@ def main(argv=None) -> int:
     except CollieError as e:
         print(f"collie: error: {type(e).__name__}: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        if not _lost_peer(e):
+            raise
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"collie: error: rank {os.environ.get('RANK', '0')} lost a peer in a collective ({first_line}); "
+              f"another rank failed first: its log (and torchrun's summary) says why", file=sys.stderr)
+        return 1
+
+
+def _lost_peer(error: RuntimeError) -> bool:
+    """A collective that failed because another rank died (gloo/NCCL), not a bug on this rank."""
+    import torch.distributed as dist
+    text = str(error).lower()
+    return isinstance(error, dist.DistError) or ("gloo" in text and ("connection" in text or "peer" in text))
 
 
 if __name__ == "__main__":

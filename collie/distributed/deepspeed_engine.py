@@ -7,9 +7,13 @@ data-parallel degree before DeepSpeed's backward.
 """
 from __future__ import annotations
 
+import os
+
 import torch
 
-from collie.errors import ConfigError
+from collie.errors import CheckpointError, ConfigError
+
+TAG = "deepspeed"  # the sub-directory of a collie checkpoint that holds DeepSpeed's files
 
 
 def check_deepspeed_layout(cfg) -> None:
@@ -102,10 +106,24 @@ class DeepSpeedModel:
             return {k: v.detach().clone().cpu() for k, v in module.state_dict().items()}
 
     def save(self, directory: str) -> None:
-        self.engine.save_checkpoint(directory, tag="deepspeed", save_latest=False)
+        """DeepSpeed's own (partitioned) model and optimizer files, in ``directory/deepspeed``."""
+        self.engine.save_checkpoint(directory, tag=TAG, save_latest=False)
 
     def load(self, directory: str) -> None:
-        self.engine.load_checkpoint(directory, tag="deepspeed", load_module_strict=True)
+        if not os.path.isdir(os.path.join(directory, TAG)):
+            raise CheckpointError(f"{directory} has no {TAG}/ directory: it was not saved by the DeepSpeed engine")
+        path, _ = self.engine.load_checkpoint(directory, tag=TAG, load_module_strict=True,
+                                              load_lr_scheduler_states=False)
+        if path is None:
+            raise CheckpointError(f"DeepSpeed could not load {os.path.join(directory, TAG)} (saved with another "
+                                  f"data-parallel degree or ZeRO stage?)")
+
+
+def read_deepspeed_weights(directory: str) -> dict:
+    """The full fp32 model state dict of a DeepSpeed checkpoint, on CPU, without processes (for export)."""
+    _import_deepspeed()
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    return get_fp32_state_dict_from_zero_checkpoint(directory, tag=TAG)
 
 
 def build_deepspeed_model(model, optimizer, cfg, ctx) -> DeepSpeedModel:

@@ -7,7 +7,6 @@ read whole, one at a time, and then cut.
 """
 from __future__ import annotations
 
-from collections import defaultdict
 from pathlib import Path
 
 import torch
@@ -16,7 +15,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from collie.errors import CheckpointError
-from collie.models.hf_io import _check_keys, _copy_into, _unique, checkpoint_index, iter_hf_tensors
+from collie.models.hf_io import _check_keys, _copy_into, checkpoint_index, hf_sources, iter_hf_tensors
 
 
 @torch.no_grad()
@@ -26,12 +25,7 @@ def load_hf_checkpoint(parallel_model, path) -> int:
     index = checkpoint_index(path)
     bytes_read = 0
     for part in parallel_model.parts:
-        cls, args = type(part), part.args
-        targets = _unique(part.state_dict(keep_vars=True))
-        plan = defaultdict(list)  # checkpoint key -> [(collie name, transform)]
-        for fqn in targets:
-            key, transform = cls.hf_source(fqn, args)
-            plan[key].append((fqn, transform))
+        targets, plan = hf_sources(part)
         _check_keys(path, index, plan, set(index))  # a stage holds some layers: extra keys are other stages'
         for key, entries in plan.items():
             for fqn, transform in entries:

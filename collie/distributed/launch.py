@@ -4,12 +4,14 @@
 
 Each rank is a plain process with torchrun's environment (RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR=127.0.0.1,
 MASTER_PORT=<free port>) plus COLLIE_RESULT_DIR; a rank reports with ``write_rank_result(obj)``. When a rank
-fails the others are stopped at once and the error carries that rank's stderr; the whole run has a timeout.
+fails the others are stopped at once and the error names the rank that failed first (a rank killed by a signal
+before one that only lost its peer) and carries its output; the whole run has a timeout.
 """
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -77,9 +79,7 @@ def _wait(procs, logs, timeout_s: float) -> None:
         codes = [p.poll() for p in procs]
         failed = [r for r, c in enumerate(codes) if c not in (None, 0)]
         if failed:
-            rank = failed[0]
-            raise DistributedRunError(f"rank {rank} of {len(procs)} exited with code {codes[rank]}:\n"
-                                      f"{_tail(logs[rank])}")
+            raise DistributedRunError(_failure_message(_root_cause_rank(failed, codes), codes, logs))
         if all(c == 0 for c in codes):
             return
         if time.monotonic() > deadline:
@@ -87,6 +87,28 @@ def _wait(procs, logs, timeout_s: float) -> None:
             raise DistributedRunError(f"timed out after {timeout_s:.0f}s; ranks {running} still running; rank "
                                       f"{running[0]} output:\n{_tail(logs[running[0]])}")
         time.sleep(0.05)
+
+
+def _root_cause_rank(failed: list[int], codes: list) -> int:
+    """Of ranks seen failing in the same poll, one killed by a signal is the cause; the others lost their peer."""
+    killed = [r for r in failed if codes[r] < 0]
+    return (killed or failed)[0]
+
+
+def _describe_exit(code: int) -> str:
+    if code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
+def _failure_message(rank: int, codes: list, logs) -> str:
+    others = [f"rank {r} {_describe_exit(c)}" for r, c in enumerate(codes) if r != rank and c not in (None, 0)]
+    also = f" ({'; '.join(others)} as well)" if others else ""
+    return (f"rank {rank} of {len(codes)} {_describe_exit(codes[rank])}{also}; the other ranks were stopped. "
+            f"Rank {rank} output:\n{_tail(logs[rank])}")
 
 
 def _tail(log, chars: int = 6000) -> str:

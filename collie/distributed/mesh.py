@@ -133,10 +133,21 @@ def init_parallel(parallel_cfg, device_type: str = "cpu") -> ParallelContext:
     owns = not dist.is_initialized()
     if owns:
         backend = "nccl" if device_type == "cuda" else "gloo"
-        dist.init_process_group(backend, rank=rank, world_size=world,
-                                timeout=datetime.timedelta(seconds=parallel_cfg.timeout_s))
+        timeout = datetime.timedelta(seconds=parallel_cfg.timeout_s)
+        dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout,
+                                store=_restart_store(world, timeout))
     mesh = init_device_mesh(device.type, (pp, dp, tp), mesh_dim_names=MESH_DIMS)
     return ParallelContext(parallel_cfg, rank, world, local_rank, dp, tp, pp, device, mesh, owns)
+
+
+def _restart_store(world: int, timeout: datetime.timedelta):
+    """Under torchrun's agent store, a store namespaced by the restart count: torchrun keeps one store across
+    ``--max-restarts``, and a restarted gloo group would otherwise read its dead predecessors' addresses."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world, is_master=False,
+                          timeout=timeout)
+    return dist.PrefixStore(f"collie/restart{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def resolve_degrees(parallel_cfg, world: int) -> tuple[int, int, int]:
@@ -144,12 +155,14 @@ def resolve_degrees(parallel_cfg, world: int) -> tuple[int, int, int]:
     tp, pp, dp = parallel_cfg.tp, parallel_cfg.pp, parallel_cfg.dp
     if dp == -1:
         if world % (tp * pp):
-            raise ConfigError(f"world size {world} is not divisible by tp {tp} × pp {pp} = {tp * pp}; launch "
+            raise ConfigError(f"world size {world} is not divisible by parallel.tp={tp} × parallel.pp={pp} = "
+                              f"{tp * pp}; launch "
                               f"with --nproc_per_node a multiple of {tp * pp} or change parallel.tp/parallel.pp")
         dp = world // (tp * pp)
     if dp * tp * pp != world:
         hint = f"set parallel.dp={world // (tp * pp)} or " if world % (tp * pp) == 0 else ""
-        raise ConfigError(f"world size {world} ≠ dp {dp} × tp {tp} × pp {pp} = {dp * tp * pp}; {hint}launch with "
+        raise ConfigError(f"world size {world} ≠ parallel.dp={dp} × parallel.tp={tp} × parallel.pp={pp} = "
+                          f"{dp * tp * pp}; {hint}launch with "
                           f"--nproc_per_node {dp * tp * pp}")
     return dp, tp, pp
 

@@ -93,11 +93,7 @@ def load_hf_weights(model, path, strict: bool = True) -> None:
     with ``strict`` every checkpoint tensor must be used too (a pipeline stage that holds only some layers
     loads with ``strict=False``)."""
     cls, args = type(model), model.args
-    targets = _unique(model.state_dict(keep_vars=True))
-    plan = defaultdict(list)  # checkpoint key -> [(collie name, transform)]
-    for fqn in targets:
-        key, transform = cls.hf_source(fqn, args)
-        plan[key].append((fqn, transform))
+    targets, plan = hf_sources(model)
     index = checkpoint_index(path)
     ignored = {cls.hf_source("lm_head.weight", args)[0]} if args.tie_word_embeddings else set()
     _check_keys(path, index, plan, ignored if strict else set(index))
@@ -105,6 +101,17 @@ def load_hf_weights(model, path, strict: bool = True) -> None:
         for key, tensor in iter_hf_tensors(path, plan, index):
             for fqn, transform in plan[key]:
                 _copy_into(targets[fqn], tensor, transform, fqn, key, index[key])
+
+
+def hf_sources(model) -> tuple[dict, dict]:
+    """The model's tensors (tied ones once) and checkpoint key → [(collie name, transform or None)]."""
+    cls, args = type(model), model.args
+    targets = _unique(model.state_dict(keep_vars=True))
+    plan = defaultdict(list)
+    for fqn in targets:
+        key, transform = cls.hf_source(fqn, args)
+        plan[key].append((fqn, transform))
+    return targets, plan
 
 
 def _unique(state: dict) -> dict:

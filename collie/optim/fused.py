@@ -30,11 +30,22 @@ What ``backward`` does:
   gradient is then unavoidable); ``step()`` takes them, computes the norm, checks finiteness and updates.
   The result equals one batch ``num_micro_batches`` times larger, with no extra backward.
 
-Non-finite values never leave a partially updated model when the norm is known before updating (norm pass or
-accumulation): the step is skipped whole. ``backward`` also checks the loss before any backward (one sync).
-Without a norm pass, a parameter whose gradient is non-finite is left unchanged (weights and state; no sync),
-but parameters updated earlier in the same backward keep their update: ``step()`` then reports
-``finite=False, partial=True``. Set ``guard_nonfinite`` to trade an extra backward for all-or-nothing steps.
+Non-finite steps. A step whose loss or gradients turn out non-finite must leave weights and optimizer state
+unchanged bit for bit, yet here a parameter is updated as soon as its own gradient exists, possibly before a
+later parameter's gradient turns out non-finite. Three guards, in order of cost:
+
+1. ``backward`` checks the loss before any backward (one sync over dp): a non-finite loss skips the step.
+2. When the global gradient norm is known before any update (the norm pass, or accumulation), a non-finite
+   norm skips the whole step: all-or-nothing.
+3. Otherwise each gradient is checked on arrival (no sync) and a non-finite one leaves its parameter and state
+   unchanged, but parameters updated earlier in the same backward keep their update: ``step()`` then reports
+   ``finite=False, partial=True``.
+
+A rollback of case 3 would need a copy of every weight and its state (the memory LOMO exists to save), and
+deferring the updates would need every gradient (the same). So all-or-nothing is bought with the norm pass:
+``guard_nonfinite=True`` runs it also when neither clipping nor fp16 needs it, at the cost of one extra
+backward per single-micro-batch step. The Trainer turns it on (``setup_training(guard_nonfinite=True)``)
+unless ``optim.args.guard_nonfinite=false`` opts out of the guarantee for speed.
 """
 from __future__ import annotations
 
@@ -124,15 +135,18 @@ class FusedOptimizer(torch.optim.Optimizer):
             # the group is looked up by index at hook time: load_state_dict replaces the group dicts
             self._hooks.append(p.register_post_accumulate_grad_hook(partial(self._on_grad_ready, index)))
 
-    def setup_training(self, dp_group=None, grad_reduce: str = "sum",
-                       loss_scaler: DynamicLossScaler | None = None) -> None:
+    def setup_training(self, dp_group=None, grad_reduce: str = "sum", loss_scaler: DynamicLossScaler | None = None,
+                       guard_nonfinite: bool | None = None) -> None:
         """``dp_group``: the data-parallel process group (None in one process). ``grad_reduce``: how the hooks
         all-reduce each gradient over it: "sum" when the loss is already divided by the global token count,
         "avg" otherwise, "none" when FSDP2 ``replicate``/``fully_shard`` reduces before calling the hooks. The
-        group is also used to agree on skipping a step. ``loss_scaler``: required for fp16."""
+        group is also used to agree on skipping a step. ``loss_scaler``: required for fp16. ``guard_nonfinite``:
+        all-or-nothing steps (see the module docstring); None keeps the constructor's choice."""
         if grad_reduce not in ("sum", "avg", "none"):
             raise ValueError(f"grad_reduce={grad_reduce!r}; choose sum, avg or none")
         self.dp_group, self.grad_reduce, self.loss_scaler = dp_group, grad_reduce, loss_scaler
+        if guard_nonfinite is not None:
+            self.guard_nonfinite = guard_nonfinite
         self.begin_step(1)
 
     def remove_hooks(self) -> None:

@@ -4,8 +4,9 @@ Tensors are written with ``torch.distributed.checkpoint`` (DCP) keyed by paramet
 at one dp/tp/pp layout loads at another: DCP reshards DTensor (tensor-parallel, FSDP) shards by name, and each
 pipeline stage reads only the names it holds. A checkpoint is written into ``.tmp-step-N`` and renamed to
 ``step-N`` once every rank has finished, so a crash while saving leaves the previous checkpoints loadable and
-the partial directory is removed at the next start. Nothing is unpickled on load: JSON for the trainer
-state, ``weights_only`` for RNG states.
+the partial directory is removed at the next start. Loading never runs code from the checkpoint: JSON for the
+trainer state, ``weights_only`` for RNG states and DCP's tensor files, and DCP's pickled ``.metadata`` is read
+by an unpickler that admits only DCP's own metadata classes (``SafeFileSystemReader``).
 """
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import dataclasses
 import json
 import logging
 import os
+import pickle
 import re
 import shutil
 import warnings
@@ -22,6 +24,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
+from torch.distributed.checkpoint.filesystem import FileSystemReader
+from torch.distributed.checkpoint.metadata import StorageMeta
 
 from collie.errors import CheckpointError
 
@@ -49,6 +53,74 @@ def _single_process_quiet():
 def barrier() -> None:
     if _distributed():
         dist.barrier()
+
+
+# --- reading without running code --------------------------------------------------------------------------
+
+_METADATA_GLOBALS = {
+    ("torch.distributed.checkpoint.metadata", name) for name in (
+        "Metadata", "MetadataIndex", "ChunkStorageMetadata", "TensorStorageMetadata", "TensorProperties",
+        "StorageMeta", "_MEM_FORMAT_ENCODING")
+} | {("torch.distributed.checkpoint.filesystem", "_StorageInfo"), ("torch", "Size"),
+     ("torch.serialization", "_get_layout"), ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"),
+     ("collections", "OrderedDict")}
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """DCP's metadata classes, torch.Size and dtypes; anything else (os.system, …) is refused unloaded."""
+
+    def find_class(self, module, name):
+        if (module, name) in _METADATA_GLOBALS or (module == "torch" and isinstance(getattr(torch, name, None),
+                                                                                     torch.dtype)):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in checkpoint metadata")
+
+
+class SafeFileSystemReader(FileSystemReader):
+    """DCP's file reader with the metadata read by ``_MetadataUnpickler`` (tensors already use weights_only)."""
+
+    def read_metadata(self, *args, **kwargs):
+        with self.fs.create_stream(self._get_metadata_path(kwargs.get("rank")), "rb") as f:
+            metadata = _MetadataUnpickler(f).load()
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+LOAD_ERRORS = (CheckpointException, json.JSONDecodeError, pickle.UnpicklingError, EOFError, RuntimeError,
+               ValueError, KeyError, TypeError, AttributeError, OSError)
+
+
+def load_tensors(tensors: dict, path: str, no_dist: bool) -> None:
+    """``dcp.load`` in place through ``SafeFileSystemReader``; CheckpointError naming ``path`` on failure."""
+    try:
+        with _single_process_quiet():
+            dcp.load(tensors, checkpoint_id=path, storage_reader=SafeFileSystemReader(path), no_dist=no_dist)
+    except LOAD_ERRORS as e:
+        raise CheckpointError(f"cannot load checkpoint {path}: {_root_cause(e)}") from None
+
+
+def read_json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {path}: {e}") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{path} holds {type(data).__name__}, not a JSON object")
+    return data
+
+
+def load_rng_file(path: str) -> dict:
+    """An RNG state saved by ``rng_state``, loaded with ``weights_only`` (a pickled payload is refused)."""
+    try:
+        state = torch.load(path, weights_only=True)
+    except Exception as e:  # noqa: BLE001 — torch raises several types for damaged or unsafe pickles
+        raise CheckpointError(f"cannot load {path}: {_root_cause(e)}") from None
+    if not isinstance(state, dict) or not isinstance(state.get("cpu"), torch.Tensor):
+        raise CheckpointError(f"{path} is not an RNG state (expected a dict with a 'cpu' tensor)")
+    return state
 
 
 # --- what goes into a checkpoint --------------------------------------------------------------------------
@@ -127,16 +199,20 @@ class CheckpointManager:
                     shutil.rmtree(os.path.join(self.root, name), ignore_errors=True)
         barrier()
 
-    def save(self, step: int, tensors: dict, trainer_state: dict) -> str:
-        """Write a checkpoint collectively (every rank calls this); returns the final directory."""
+    def save(self, step: int, tensors: dict, trainer_state: dict, write_engine=None) -> str:
+        """Write a checkpoint collectively (every rank calls this); returns the final directory.
+        ``write_engine(directory)``: an engine that saves its own files (DeepSpeed), inside the same directory."""
         final = os.path.join(self.root, f"step-{step:08d}")
         tmp = os.path.join(self.root, f".tmp-step-{step:08d}")
         if _rank() == 0:
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
         barrier()
-        with _single_process_quiet():
-            dcp.save(tensors, checkpoint_id=tmp, no_dist=not _distributed())
+        if tensors:
+            with _single_process_quiet():
+                dcp.save(tensors, checkpoint_id=tmp, no_dist=not _distributed())
+        if write_engine is not None:
+            write_engine(tmp)
         torch.save(rng_state(), os.path.join(tmp, f"rng_rank{_rank()}.pt"))
         barrier()
         if _rank() == 0:
@@ -159,16 +235,12 @@ class CheckpointManager:
         if not os.path.isfile(state_file):
             raise CheckpointError(f"{path} is not a complete collie checkpoint: {STATE_FILE} is missing "
                                   f"(complete ones in {self.root}: {[os.path.basename(p) for p in self.complete_checkpoints()]})")
-        try:
-            with open(state_file) as f:
-                state = json.load(f)
-            with _single_process_quiet():
-                dcp.load(tensors, checkpoint_id=path, no_dist=not _distributed())
-        except (CheckpointException, json.JSONDecodeError, RuntimeError, ValueError, KeyError, OSError) as e:
-            raise CheckpointError(f"cannot load checkpoint {path}: {_root_cause(e)}") from None
+        state = read_json(state_file)
+        if tensors:
+            load_tensors(tensors, path, no_dist=not _distributed())
         rng_file = os.path.join(path, f"rng_rank{_rank()}.pt")
         if os.path.exists(rng_file):
-            set_rng_state(torch.load(rng_file, weights_only=True))
+            set_rng_state(load_rng_file(rng_file))
         return state
 
 
@@ -185,8 +257,15 @@ def _jsonable(value):
 
 
 def _tensors(trainer) -> dict:
+    if _engine(trainer) is not None:  # DeepSpeed writes and reads its partitioned files itself
+        return {}
     optim_tensors, _ = optimizer_state(trainer.model_parts, trainer.optimizer)
     return {"model": model_state(trainer.model_parts), "optim": optim_tensors}
+
+
+def _engine(trainer):
+    """The model when an engine checkpoints itself (``DeepSpeedModel``), else None."""
+    return trainer.model if hasattr(trainer.model, "save") and hasattr(trainer.model, "engine") else None
 
 
 def _loss_scaler(trainer):
@@ -196,13 +275,16 @@ def _loss_scaler(trainer):
 
 def save_trainer(trainer) -> str:
     """A checkpoint of everything the trainer needs to continue exactly where it is."""
-    _, optim_extras = optimizer_state(trainer.model_parts, trainer.optimizer)
+    engine = _engine(trainer)
+    optim_extras = {} if engine else optimizer_state(trainer.model_parts, trainer.optimizer)[1]
     state = {"trainer": vars(trainer.state), "scheduler": trainer.scheduler.state_dict(),
              "data": trainer.batches.state_dict(), "optimizer": optim_extras,
              "loss_scaler": _loss_scaler(trainer).state_dict(),
              "model_args": dataclasses.asdict(trainer.model_args), "config": trainer.cfg.to_dict(),
-             "layout": {"dp": trainer.ctx.dp, "tp": trainer.ctx.tp, "pp": trainer.ctx.pp}}
-    return trainer.checkpointer.save(trainer.state.step, _tensors(trainer), state)
+             "layout": {"dp": trainer.ctx.dp, "tp": trainer.ctx.tp, "pp": trainer.ctx.pp,
+                        "engine": trainer.cfg.parallel.engine}}
+    return trainer.checkpointer.save(trainer.state.step, _tensors(trainer), state,
+                                     engine.save if engine else None)
 
 
 def resume_trainer(trainer) -> None:
@@ -215,19 +297,41 @@ def resume_trainer(trainer) -> None:
         if resume == "auto":
             logger.info("checkpoint.resume=auto: no checkpoint in %s, starting from scratch", manager.root)
         return
-    init_optimizer_state(trainer.optimizer)
+    engine = _engine(trainer)
+    if engine is None:
+        init_optimizer_state(trainer.optimizer)
     tensors = _tensors(trainer)
     state = manager.load(path, tensors)
-    for part in trainer.model_parts:  # DCP loaded in place; this also re-ties shared weights
-        names = part.state_dict().keys()
-        part.load_state_dict({k: v for k, v in tensors["model"].items() if k in names})
-    load_optimizer_extras(trainer.model_parts, trainer.optimizer, state["optimizer"])
+    _check_engine(path, state, trainer.cfg.parallel.engine)
+    if engine is not None:
+        engine.load(path)
+    try:
+        _restore(trainer, tensors, state)
+    except (KeyError, TypeError, ValueError, AttributeError, RuntimeError) as e:
+        raise CheckpointError(f"{os.path.join(path, STATE_FILE)} does not fit this trainer: "
+                              f"{type(e).__name__}: {e}") from None
+    logger.info("resumed from %s (saved at %s) at step %d", path, state.get("layout"), trainer.state.step)
+
+
+def _check_engine(path: str, state: dict, engine: str) -> None:
+    saved = state.get("layout", {}).get("engine", "native")
+    if saved != engine:
+        raise CheckpointError(f"{path} was saved by the {saved} ZeRO engine and this job runs parallel.engine="
+                              f"{engine}; resume with parallel.engine={saved}, or export the model with `collie "
+                              f"convert {path} OUT` and start from it (model.pretrained=OUT)")
+
+
+def _restore(trainer, tensors: dict, state: dict) -> None:
+    if tensors:
+        for part in trainer.model_parts:  # DCP loaded in place; this also re-ties shared weights
+            names = part.state_dict().keys()
+            part.load_state_dict({k: v for k, v in tensors["model"].items() if k in names})
+        load_optimizer_extras(trainer.model_parts, trainer.optimizer, state["optimizer"])
     trainer.scheduler.load_state_dict(state["scheduler"])
     if state.get("loss_scaler"):
         _loss_scaler(trainer).load_state_dict(state["loss_scaler"])
     trainer.batches.load_state_dict(state["data"])
     trainer.state = type(trainer.state)(**state["trainer"])
-    logger.info("resumed from %s (saved at %s) at step %d", path, state.get("layout"), trainer.state.step)
 
 
 def rng_state() -> dict:
@@ -250,14 +354,16 @@ def export_to_hf(checkpoint_dir: str, out_dir: str, dtype: torch.dtype | None = 
     state_file = os.path.join(checkpoint_dir, STATE_FILE)
     if not os.path.isfile(state_file):
         raise CheckpointError(f"{checkpoint_dir} is not a collie checkpoint: {STATE_FILE} is missing")
-    with open(state_file) as f:
-        args = from_dict(ModelArgs, json.load(f)["model_args"], f"{state_file}: model_args")
+    saved = read_json(state_file)
+    if not isinstance(saved.get("model_args"), dict):
+        raise CheckpointError(f"{state_file} has no model_args: not a collie training checkpoint")
+    args = from_dict(ModelArgs, saved["model_args"], f"{state_file}: model_args")
     model = build_model(args, device="cpu")
-    tensors = {"model": model.state_dict()}
-    try:
-        with _single_process_quiet():
-            dcp.load(tensors, checkpoint_id=checkpoint_dir, no_dist=True)
-    except (CheckpointException, RuntimeError, ValueError, OSError) as e:
-        raise CheckpointError(f"cannot load checkpoint {checkpoint_dir}: {_root_cause(e)}") from None
-    model.load_state_dict(tensors["model"])
+    if saved.get("layout", {}).get("engine") == "deepspeed":
+        from collie.distributed.deepspeed_engine import read_deepspeed_weights
+        model.load_state_dict(read_deepspeed_weights(checkpoint_dir))
+    else:
+        tensors = {"model": model.state_dict()}
+        load_tensors(tensors, checkpoint_dir, no_dist=True)
+        model.load_state_dict(tensors["model"])
     model.save_pretrained(out_dir, dtype=dtype)

@@ -1,5 +1,6 @@
 """Impossible layouts fail with ConfigErrors that say what to choose, before any process starts; stage
 splitting; the launcher stops at the first failing rank."""
+import os
 
 import pytest
 
@@ -18,17 +19,24 @@ def args(**overrides):
 
 
 def test_world_size_must_equal_the_product_of_degrees():
-    with pytest.raises(ConfigError, match=r"world size 4 ≠ dp 1 × tp 2 × pp 1 = 2; set parallel.dp=2 or launch "
+    with pytest.raises(ConfigError, match=r"world size 4 ≠ parallel.dp=1 × parallel.tp=2 × parallel.pp=1 = 2; set parallel.dp=2 or launch "
                                           r"with --nproc_per_node 2"):
         resolve_degrees(ParallelConfig(dp=1, tp=2), 4)
-    with pytest.raises(ConfigError, match="world size 3 is not divisible by tp 2"):
+    with pytest.raises(ConfigError, match="world size 3 is not divisible by parallel.tp=2"):
         resolve_degrees(ParallelConfig(tp=2), 3)
     assert resolve_degrees(ParallelConfig(tp=2, pp=2), 8) == (2, 2, 2)
 
 
-def test_deepspeed_engine_is_not_available_yet():
-    with pytest.raises(ConfigError, match="not available yet"):
-        resolve_degrees(ParallelConfig(engine="deepspeed"), 1)
+@pytest.mark.parametrize("overrides, message", [
+    (["parallel.engine=deepspeed", "parallel.tp=2"], "parallel.engine=deepspeed runs data parallelism only"),
+    (["parallel.engine=deepspeed", "optim.name=sophia"], "optim.name=sophia refreshes its Hessian"),
+    (["parallel.engine=deepspeed", "optim.name=adalomo"], "parallel.engine=deepspeed runs its own"),
+])
+def test_deepspeed_engine_rejects_what_it_cannot_run(overrides, message):
+    from collie.config import CollieConfig
+    quickstart = os.path.join(os.path.dirname(__file__), "..", "..", "configs", "quickstart.yaml")
+    with pytest.raises(ConfigError, match=message):
+        CollieConfig.load(quickstart, overrides)
 
 
 @pytest.mark.parametrize("overrides, tp, message", [

@@ -9,6 +9,7 @@ import json
 import os
 
 import pytest
+import torch
 
 from collie.config import CollieConfig
 from collie.distributed.launch import run_distributed
@@ -93,3 +94,23 @@ def test_adalomo_trainer_matches_one_process(layout, tmp_path):
     assert len(got) == len(expected) == 4
     for step, (a, b) in enumerate(zip(got, expected), 1):
         assert a == pytest.approx(b, rel=LOSS_RTOL), f"{layout} step {step}: {a} vs one process {b}"
+
+
+def test_deepspeed_checkpoint_resumes_and_converts(reference, tmp_path):
+    """The DeepSpeed engine writes its partitioned files into collie's atomic step directory; resuming continues
+    the uninterrupted loss sequence and `collie convert` exports the ZeRO-3 shards as one HF model."""
+    pytest.importorskip("deepspeed")
+    from collie.cli import main
+    from collie.models import from_pretrained
+    out, layout = tmp_path / "run", LAYOUTS["deepspeed_zero3"]
+    train(out, *layout, "train.max_steps=2", "checkpoint.every_steps=2", world=2)
+    train(out, *layout, "checkpoint.resume=auto", "checkpoint.save_final=true", world=2)
+    expected, _ = reference
+    got = losses(out)
+    assert len(got) == len(expected)
+    for step, (a, b) in enumerate(zip(got, expected), 1):
+        assert a == pytest.approx(b, rel=LOSS_RTOL), f"step {step}: {a} vs uninterrupted {b}"
+    assert main(["convert", str(out / "checkpoints" / "step-00000004"), str(tmp_path / "hf")]) == 0
+    exported, final = from_pretrained(tmp_path / "hf"), from_pretrained(out / "final")
+    for (name, a), b in zip(exported.state_dict().items(), final.state_dict().values()):
+        assert torch.equal(a, b), name
