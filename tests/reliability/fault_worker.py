@@ -67,10 +67,10 @@ class Record(Callback):
 def kill_in_save(step: int) -> None:
     original = ckpt.CheckpointManager.save
 
-    def save(self, at_step, tensors, trainer_state):
+    def save(self, at_step, *args, **kwargs):
         if at_step == step:  # rng_state() runs after DCP has written this rank's tensors into .tmp-step-N
             ckpt.rng_state = lambda: os.kill(os.getpid(), signal.SIGKILL)
-        return original(self, at_step, tensors, trainer_state)
+        return original(self, at_step, *args, **kwargs)
 
     ckpt.CheckpointManager.save = save
 
