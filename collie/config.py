@@ -323,10 +323,11 @@ def _check_data(cfg: CollieConfig) -> None:
     for i, m in enumerate(cfg.eval.metrics):
         if m not in known:
             raise ConfigError(f"eval.metrics[{i}]='{m}' is unknown{suggest(m, known)}; choose from {sorted(known)}")
-    needs_logits = [m for m in cfg.eval.metrics if m != "perplexity"]
+    needs_logits = [m for m in cfg.eval.metrics if m in CHOICE_METRICS]
     if needs_logits and cfg.parallel.pp > 1:
-        raise ConfigError(f"eval.metrics: {needs_logits[0]} needs the whole model's logits on one rank, which is not "
-                          f"available under parallel.pp > 1; use eval.metrics=[perplexity] or parallel.pp=1")
+        raise ConfigError(f"eval.metrics: {needs_logits[0]} needs every position's logits on one rank, which is "
+                          f"not available under parallel.pp > 1 (generation metrics and perplexity are); use "
+                          f"parallel.pp=1 for it")
     generated = [m for m in cfg.eval.metrics if m in TEXT_METRICS]
     if generated and cfg.data.format != "instruction":
         raise ConfigError(f"eval.metrics: {generated[0]} needs data.format=instruction (it compares responses)")

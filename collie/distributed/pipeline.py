@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B
 
+from collie.distributed.tensor_parallel import full_logits
 from collie.errors import ConfigError
 from collie.trainer.loss import count_loss_tokens
 
@@ -181,6 +182,39 @@ class PipelineRunner:
         """Summed token loss of the batch (no backward), the same on every rank of the pipeline."""
         self._denominator = torch.ones((), device=self.ctx.device)
         return self._run(False, input_ids, labels, position_ids, attention_mask)
+
+
+    @torch.no_grad()
+    def last_logits(self, input_ids, position_ids=None, attention_mask=None) -> torch.Tensor:
+        """Logits of the last position, (batch, 1, vocab) fp32 on every rank of the pipeline: the whole batch
+        goes through the stages in order (no micro-batches), each handing its hidden states to the next with
+        send/recv; the last stage broadcasts only the last position. For generation, which calls it once per
+        new token (with a KV cache-free recomputation), so every pipeline rank must call it with the same input."""
+        batch, seq = input_ids.shape
+        if position_ids is None:
+            position_ids = torch.arange(seq, device=input_ids.device)[None]
+        kwargs = {"position_ids": position_ids.expand(batch, seq), "attention_mask": attention_mask}
+        sequence_share = self.ctx.tp if self.ctx.cfg.sequence_parallel else 1
+        dtype = next(self.parts[0].parameters()).dtype
+        hidden_shape = (batch, seq // sequence_share, self.parts[0].args.hidden_size)
+        logits = torch.empty(batch, 1, self.parts[-1].args.vocab_size, device=self.ctx.device)
+        owner = lambda stage: stage % self.ctx.pp  # noqa: E731 — rank r holds stages r (and r + pp)
+        for stage in range(self.num_stages):
+            if owner(stage) != self.ctx.pp_rank:
+                continue
+            part = self.parts[self.stage_ids.index(stage)]
+            if stage == 0:
+                inputs = input_ids
+            else:
+                inputs = torch.empty(hidden_shape, dtype=dtype, device=self.ctx.device)
+                dist.recv(inputs, group=self.ctx.pp_group, group_src=owner(stage - 1))
+            out = part(inputs, **kwargs)
+            if stage < self.num_stages - 1:
+                dist.send(out.to(dtype).contiguous(), group=self.ctx.pp_group, group_dst=owner(stage + 1))
+            else:
+                logits = full_logits(out)[:, -1:].float().contiguous()  # collectives need contiguous memory
+        dist.broadcast(logits, group=self.ctx.pp_group, group_src=owner(self.num_stages - 1))
+        return logits
 
 
 def check_microbatches(n: int, pp: int, schedule: str) -> None:

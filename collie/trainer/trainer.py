@@ -343,9 +343,11 @@ class Trainer:
         if "perplexity" in cfg.metrics and self.eval_dataset is not None:
             results.update(evaluators.perplexity(self.eval_batches(), self.loss_sum, self.ctx.dp_sum))
         limit = None if cfg.max_batches is None else cfg.max_batches * cfg.batch_size
-        # pp = 1 (config check): the whole tp/dp-wrapped model, whose forward takes a KV cache; sequence
-        # parallel splits the sequence evenly, so generation pads to a multiple of tp (and recomputes)
+        # the whole tp/dp-wrapped model, whose forward takes a KV cache, or under pp the pipeline's last-position
+        # logits (recomputed per token); sequence parallel splits the sequence evenly: pad to a multiple of tp
         model, multiple = self.model_parts[0], self.ctx.tp if self.cfg.parallel.sequence_parallel else 1
+        if self.pipeline is not None:
+            model = self.pipeline.last_logits
         text_metrics = [m for m in cfg.metrics if m in evaluators.TEXT_METRICS]
         with self.autocast():
             if text_metrics and self.eval_dataset is not None:

@@ -1,6 +1,7 @@
 """A Hugging Face checkpoint (sharded safetensors written by transformers) loads straight into tp2×pp2 and
 dp2×tp2 ZeRO-3 placements: each rank reads about its share of the bytes, the loss of a batch equals
-transformers' (from its logits) and the gathered weights equal the checkpoint."""
+transformers' (from its logits), greedy generation (through the pipeline stages at tp2×pp2) gives transformers'
+tokens and the gathered weights equal the checkpoint."""
 import os
 
 import pytest
@@ -52,3 +53,19 @@ def test_loaded_layout_matches_transformers(layout, hf_model, ranks):
     total = sum(v.numel() * v.element_size() for v in checkpoint.values())
     for rank, result in enumerate(ranks):  # 4 ranks: each reads about a quarter (norms are read whole)
         assert result[layout]["bytes_read"] < 0.4 * total, f"rank {rank} read {result[layout]['bytes_read']}/{total}"
+
+
+def greedy(model, prompt: list[int], new_tokens: int) -> list[int]:
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(new_tokens):
+            ids = torch.cat([ids, model(ids).logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return ids[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize("layout", sorted(hf_load_rank.LAYOUTS))
+def test_generation_in_the_layout_matches_transformers(layout, hf_model, ranks):
+    model, _ = hf_model
+    expected = [greedy(model, p, hf_load_rank.NEW_TOKENS) for p in hf_load_rank.PROMPTS]
+    for rank, result in enumerate(ranks):
+        assert result[layout]["generated"] == expected, f"rank {rank}"

@@ -114,3 +114,14 @@ def test_deepspeed_checkpoint_resumes_and_converts(reference, tmp_path):
     exported, final = from_pretrained(tmp_path / "hf"), from_pretrained(out / "final")
     for (name, a), b in zip(exported.state_dict().items(), final.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_generation_metrics_run_under_pipeline_parallelism(tmp_path):
+    """eval.metrics with generation (exact_match, bleu) under pp: the pipeline's stages produce each token."""
+    metrics = ["eval.metrics=[perplexity,exact_match,bleu]", "eval.max_new_tokens=4", "train.max_steps=2"]
+    single = train(tmp_path / "single", *metrics)
+    train(tmp_path / "pp2", *metrics, *LAYOUTS["pp2"], world=2)
+    rows = [json.loads(line) for line in open(tmp_path / "pp2" / "metrics.jsonl")]
+    final = [r for r in rows if "eval/exact_match" in r][-1]
+    for key in ("perplexity", "exact_match", "bleu"):
+        assert final[f"eval/{key}"] == pytest.approx(single[key], rel=1e-5), key
