@@ -351,3 +351,18 @@ def _check_classic_optimizers_on_shards(world_size):
 def test_data_parallel_and_sharded_reductions_on_two_ranks():
     with tempfile.TemporaryDirectory() as tmp:
         mp.spawn(_distributed_worker, args=(2, os.path.join(tmp, "store")), nprocs=2, join=True)
+
+
+def test_hooks_are_registered_once_whatever_the_number_of_steps_and_setups():
+    """One post-accumulate-grad hook per parameter, from construction: setup_training and steps add none (the hook
+    finds its group and shard layout by dictionary lookup, O(1) per gradient)."""
+    model = tiny_model()
+    opt = AdaLomo(model.parameters(), lr=0.01)
+    params = list(model.parameters())
+    for _ in range(2):
+        opt.setup_training(grad_reduce="none")
+        for x, y in batches(3):
+            opt.backward(loss_fn(model, x, y))
+            assert opt.step().finite
+    assert len(opt._hooks) == len(params)
+    assert all(len(p._post_accumulate_grad_hooks) == 1 for p in params)
