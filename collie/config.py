@@ -211,16 +211,17 @@ class CollieConfig:
             check(self)
 
 
-def read_yaml(path: str) -> dict:
+def read_yaml(path: str, what: str = "config file", expected: str = f"sections ({', '.join(SECTIONS)})") -> dict:
+    """The mapping in YAML file ``path`` ({} when empty); ConfigError naming the ``what`` and the file."""
     if not os.path.isfile(path):
-        raise ConfigError(f"config file '{path}' does not exist")
+        raise ConfigError(f"{what} '{path}' does not exist")
     try:
         with open(path) as f:
             data = yaml.safe_load(f)
     except yaml.YAMLError as e:
-        raise ConfigError(f"config file '{path}' is not valid YAML: {e}") from None
+        raise ConfigError(f"{what} '{path}' is not valid YAML: {e}") from None
     if data is not None and not isinstance(data, dict):
-        raise ConfigError(f"config file '{path}' must hold a mapping of sections ({', '.join(SECTIONS)})")
+        raise ConfigError(f"{what} '{path}' must hold a mapping of {expected}")
     return data or {}
 
 

@@ -21,9 +21,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Optional
 
-import yaml
 
-from collie.config import CollieConfig
+from collie.config import CollieConfig, read_yaml
 from collie.errors import ConfigError
 from collie.schema import from_dict
 
@@ -102,13 +101,7 @@ def load_grid(path: str, extra_overrides=(), only=None, steps: int | None = None
 
 
 def _read(path: str) -> BenchGridFile:
-    if not os.path.isfile(path):
-        raise ConfigError(f"bench grid file '{path}' does not exist")
-    try:
-        with open(path) as f:
-            data = yaml.safe_load(f)
-    except yaml.YAMLError as error:
-        raise ConfigError(f"bench grid file '{path}' is not valid YAML: {error}") from None
+    data = read_yaml(path, "bench grid file", "grid keys (base, steps, axes, configs, …)")
     try:
         spec = from_dict(BenchGridFile, data)
     except ConfigError as error:

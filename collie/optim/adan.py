@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from collie.optim.foreach import foreach_lists
+from collie.optim.foreach import closure_loss, foreach_lists
 from collie.optim.registry import register_optimizer
 
 _STATE_KEYS = ("exp_avg", "exp_avg_diff", "exp_avg_sq", "prev_grad")
@@ -29,10 +29,7 @@ class Adan(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             for params, grads, moments, states in foreach_lists(self, group, _STATE_KEYS, self._init_state):
                 self._update_moments(group, grads, moments, states)

@@ -28,3 +28,11 @@ def foreach_lists(optimizer: torch.optim.Optimizer, group: dict, state_keys: tup
     grouped = torch.optim.Optimizer._group_tensors_by_device_and_dtype(lists, with_indices=True)
     for (tensors, indices) in grouped.values():
         yield tensors[0], tensors[1], tensors[2:], [states[i] for i in indices]
+
+
+def closure_loss(closure):
+    """``closure()`` re-evaluated with gradients enabled (torch's optimizer ``step(closure)`` protocol), or None."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from collie.optim.foreach import foreach_lists
+from collie.optim.foreach import closure_loss, foreach_lists
 from collie.optim.registry import register_optimizer
 
 
@@ -21,10 +21,7 @@ class Lion(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             lr, wd, (beta1, beta2) = group["lr"], group["weight_decay"], group["betas"]
             for params, grads, (exp_avgs,), _ in foreach_lists(self, group, ("exp_avg",), self._init_state):

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from collie.errors import ConfigError
-from collie.optim.foreach import foreach_lists
+from collie.optim.foreach import closure_loss, foreach_lists
 from collie.optim.registry import register_optimizer
 from collie.optim.sharded import local_grad, local_tensor
 
@@ -41,10 +41,7 @@ class SophiaG(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             lr, wd, (beta1, _), rho, eps = group["lr"], group["weight_decay"], group["betas"], group["rho"], \
                 group["eps"]
