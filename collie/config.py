@@ -107,7 +107,7 @@ class DataConfig:
     txt_documents: Literal["paragraph", "file"] = _f("paragraph", "pretrain .txt files: documents separated by "
                                                                    "blank lines, or one document per file")
     cache_dir: Optional[str] = _f(None, "pretrain: where tokenized corpora are cached and memory-mapped; null = "
-                                        "$XDG_CACHE_HOME (or ~/.cache)/collie/pretrain")
+                                        "<train.output_dir>/data_cache (point runs at one directory to share it)")
     skip_malformed: bool = _f(False, "skip malformed records and count them (reported) instead of failing")
     pad_to_multiple_of: Optional[int] = _f(None, "round padded batch length up to a multiple of this", min=1)
     shuffle: bool = _f(True, "shuffle the training data each epoch")

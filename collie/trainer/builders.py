@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 
 import torch
 
@@ -153,7 +154,8 @@ def build_dataset(cfg, tokenizer, files: list[str], args, is_main_process: bool 
     if cfg.data.format == "pretrain":
         from collie.data.pretrain import load_pretrain_dataset
         d = cfg.data
-        return load_pretrain_dataset(files, tokenizer, d.seq_len, cache_dir=d.cache_dir, text_field=d.text_field,
+        cache_dir = d.cache_dir or os.path.join(cfg.train.output_dir, "data_cache")  # nothing outside the run
+        return load_pretrain_dataset(files, tokenizer, d.seq_len, cache_dir=cache_dir, text_field=d.text_field,
                                      txt_documents=d.txt_documents, document_masking=d.document_masking,
                                      skip_malformed=d.skip_malformed, is_main_process=is_main_process,
                                      barrier=barrier)
