@@ -45,11 +45,13 @@ def losses(output_dir) -> list[float]:
     return [r["loss"] for r in rows if "loss" in r]
 
 
-def train(output_dir, *overrides, world: int = 1):
+def train(output_dir, *overrides, world: int = 1, module: str = "collie"):
+    """One process in this process, else ``python -m collie train`` (or ``-m collie.train``) on ``world`` ranks."""
     args = [*COMMON, f"train.micro_batch_size={GLOBAL_BATCH}", f"train.output_dir={output_dir}", *overrides]
     if world == 1:
         return Trainer(CollieConfig.load(QUICKSTART, args)).fit()
-    run_distributed("collie", world, ["train", QUICKSTART, *args], timeout_s=240)
+    command = [QUICKSTART, *args] if module == "collie.train" else ["train", QUICKSTART, *args]
+    run_distributed(module, world, command, timeout_s=240)
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +78,7 @@ def test_checkpoint_saved_at_dp2_resumes_at_tp2(reference, tmp_path):
     (constant learning rate, so the shorter first run has the same schedule)."""
     out = tmp_path / "run"
     train(out, *LAYOUTS["dp2"], "train.max_steps=2", "checkpoint.every_steps=2", world=2)
-    train(out, "parallel.tp=2", "checkpoint.resume=auto", world=2)
+    train(out, "parallel.tp=2", "checkpoint.resume=auto", world=2, module="collie.train")
     expected, _ = reference
     got = losses(out)
     assert len(got) == len(expected)
