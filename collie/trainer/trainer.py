@@ -22,11 +22,11 @@ from collie.data.loader import BatchStream
 from collie.data.pretrain import document_causal_mask
 from collie.distributed import clip_grad_norm_, full_logits, init_parallel, vocab_parallel_loss_sum
 from collie.distributed.deepspeed_engine import build_deepspeed_model
-from collie.errors import CollieError
+from collie.errors import CollieError, ConfigError
 from collie.evaluation import evaluators
 from collie.log import setup_logging
-from collie.monitor.meters import synchronize
 from collie.monitor import Monitor, ProgressBar
+from collie.monitor.meters import synchronize
 from collie.optim import DynamicLossScaler, build_optimizer, refresh_hessian, sophia_refresh_due
 from collie.trainer import builders
 from collie.trainer import checkpoint as ckpt
@@ -54,6 +54,9 @@ class Trainer:
         self.cfg = config
         self.ctx = init_parallel(config.parallel, builders.resolve_device(config.train.device).type)
         self.device, self.rank, self.world_size = self.ctx.device, self.ctx.rank, self.ctx.world_size
+        if config.train.loss_chunk_size and self.world_size > 1:  # parallel.dp=-1 resolves only here
+            raise ConfigError(f"train.loss_chunk_size runs in one process; this job has {self.world_size}: set "
+                              f"train.loss_chunk_size=0")
         self.output_dir = config.train.output_dir
         if self.is_main_process:
             os.makedirs(self.output_dir, exist_ok=True)
