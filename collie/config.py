@@ -261,18 +261,14 @@ def _check_model_arch(cfg: CollieConfig) -> None:
 
 
 def _check_card_and_arch(model) -> None:
-    """The card exists and ``model.arch`` makes a valid architecture with it; errors name the key."""
-    from collie.models import load_card
+    """The card exists and ``model.arch`` makes a valid architecture with it (what the Trainer will build)."""
+    from collie.trainer.builders import build_model_args
     try:
-        args = load_card(model.card)
-    except ConfigError as e:
-        raise ConfigError(f"model.card={model.card!r}: {e}") from None
-    try:
-        from_dict(type(args), {**dataclasses.asdict(args), **model.arch}, "model.arch")
+        build_model_args(model)
     except ConfigError as e:
         if "model.arch" in str(e):
             raise
-        raise ConfigError(f"model.arch={model.arch} with model.card={model.card!r}: {e}") from None
+        raise ConfigError(f"model.card={model.card!r} (model.arch={model.arch}): {e}") from None
 
 
 def _check_parallel(cfg: CollieConfig) -> None:
@@ -324,15 +320,14 @@ def _check_data(cfg: CollieConfig) -> None:
     for i, m in enumerate(cfg.eval.metrics):
         if m not in known:
             raise ConfigError(f"eval.metrics[{i}]='{m}' is unknown{suggest(m, known)}; choose from {sorted(known)}")
-    needs_logits = [m for m in cfg.eval.metrics if m in CHOICE_METRICS]
-    if needs_logits and cfg.parallel.pp > 1:
-        raise ConfigError(f"eval.metrics: {needs_logits[0]} needs every position's logits on one rank, which is "
+    chosen = [m for m in cfg.eval.metrics if m in CHOICE_METRICS]
+    if chosen and cfg.parallel.pp > 1:
+        raise ConfigError(f"eval.metrics: {chosen[0]} needs every position's logits on one rank, which is "
                           f"not available under parallel.pp > 1 (generation metrics and perplexity are); use "
                           f"parallel.pp=1 for it")
     generated = [m for m in cfg.eval.metrics if m in TEXT_METRICS]
     if generated and cfg.data.format != "instruction":
         raise ConfigError(f"eval.metrics: {generated[0]} needs data.format=instruction (it compares responses)")
-    chosen = [m for m in cfg.eval.metrics if m in CHOICE_METRICS]
     if chosen and not cfg.eval.choice_file:
         raise ConfigError(f"eval.metrics: {chosen[0]} scores the records of eval.choice_file; set it to a JSONL "
                           f"file of {{prompt, choices, answer}} records")

@@ -99,7 +99,8 @@ class DeepSpeedModel:
         return torch.as_tensor(float("nan") if norm is None else float(norm))
 
     def full_state_dict(self) -> dict:
-        """The whole model's state dict on every rank (ZeRO-3 parameters gathered one module at a time)."""
+        """The whole model's state dict on every rank (ZeRO-3 gathers every parameter at once: for the final
+        save, which needs the full model in CPU memory anyway)."""
         deepspeed = _import_deepspeed()
         module = self.engine.module
         with deepspeed.zero.GatheredParameters(list(module.parameters()), modifier_rank=None):

@@ -183,7 +183,6 @@ class PipelineRunner:
         self._denominator = torch.ones((), device=self.ctx.device)
         return self._run(False, input_ids, labels, position_ids, attention_mask)
 
-
     @torch.no_grad()
     def last_logits(self, input_ids, position_ids=None, attention_mask=None) -> torch.Tensor:
         """Logits of the last position, (batch, 1, vocab) fp32 on every rank of the pipeline: the whole batch

@@ -133,11 +133,9 @@ class Setup:
         dp = p.dp
         if dp == -1:
             dp = max(1, (world_size or p.tp * p.pp) // (p.tp * p.pp))
-        from collie.trainer.builders import compute_dtype, storage_dtype
+        from collie.trainer.builders import precision, storage_dtype
         # collie's fp32 master weights for 16-bit models: fp32 parameters, 16-bit autocast
         param_dtype = str(storage_dtype(cfg)).removeprefix("torch.")
-        precision = {None: "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}[
-            compute_dtype(cfg) and str(compute_dtype(cfg))]
         return cls(
             dp=dp, tp=p.tp, pp=p.pp, zero_stage=p.zero_stage, cpu_offload=p.cpu_offload,
             sequence_parallel=p.sequence_parallel, pp_schedule=p.pp_schedule, pp_microbatches=p.pp_microbatches,
@@ -145,7 +143,7 @@ class Setup:
             optimizer=cfg.optim.name, clip_grad_norm=cfg.optim.clip_grad_norm,
             master_weights=p.engine == "deepspeed", peft=cfg.peft.method,
             lora_r=cfg.peft.r, lora_targets=tuple(cfg.peft.target_modules), param_dtype=param_dtype,
-            precision=precision, activation_checkpointing=cfg.model.activation_checkpointing,
+            precision=precision(cfg), activation_checkpointing=cfg.model.activation_checkpointing,
             checkpoint_every=cfg.model.checkpoint_every, micro_batch_size=cfg.train.micro_batch_size,
             seq_len=cfg.data.seq_len, grad_accum_steps=cfg.train.grad_accum_steps,
             expand_kv_heads=cfg.data.document_masking)

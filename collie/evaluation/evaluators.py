@@ -12,7 +12,7 @@ from collie.evaluation.generation import cut_at_stop, generate
 from collie.evaluation.metrics import TEXT_METRICS, get_text_metric
 from collie.trainer.loss import IGNORE_INDEX, count_loss_tokens
 
-__all__ = ["CHOICE_METRICS", "TEXT_METRICS", "choice_eval", "exact_match", "generation_metrics",
+__all__ = ["CHOICE_METRICS", "TEXT_METRICS", "choice_eval", "generation_metrics",
            "load_choice_records", "perplexity", "split_prompt_response"]
 
 
@@ -61,9 +61,3 @@ def generation_metrics(model, dataset, tokenizer, batch_size: int, max_new_token
     for scorer in scorers:
         results.update(scorer(predictions, references))
     return {**results, "samples": len(pairs)}
-
-
-def exact_match(model, dataset, tokenizer, batch_size: int, max_new_tokens: int, limit: int | None = None,
-                device=None) -> dict:
-    """Fraction of samples whose greedy continuation equals the reference response (compared as text)."""
-    return generation_metrics(model, dataset, tokenizer, batch_size, max_new_tokens, limit, device)

@@ -26,10 +26,16 @@ def storage_dtype(cfg) -> torch.dtype:
     return torch.float32 if master_weights(cfg) else DTYPES[cfg.model.dtype]
 
 
+def precision(cfg) -> str:
+    """The compute precision: ``train.precision``; with master weights at least the model's 16-bit dtype."""
+    if cfg.train.precision == "fp32" and master_weights(cfg):
+        return {"bfloat16": "bf16", "float16": "fp16"}[cfg.model.dtype]
+    return cfg.train.precision
+
+
 def compute_dtype(cfg) -> torch.dtype | None:
-    """The autocast dtype: ``train.precision``; with master weights at least the model's 16-bit dtype."""
-    precision = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.train.precision]
-    return precision or (DTYPES[cfg.model.dtype] if master_weights(cfg) else None)
+    """The autocast dtype of ``precision(cfg)`` (None: no autocast)."""
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision(cfg)]
 
 
 def resolve_device(name: str) -> torch.device:

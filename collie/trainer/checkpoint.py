@@ -265,7 +265,8 @@ def _tensors(trainer) -> dict:
 
 def _engine(trainer):
     """The model when an engine checkpoints itself (``DeepSpeedModel``), else None."""
-    return trainer.model if hasattr(trainer.model, "save") and hasattr(trainer.model, "engine") else None
+    from collie.distributed.deepspeed_engine import DeepSpeedModel
+    return trainer.model if isinstance(trainer.model, DeepSpeedModel) else None
 
 
 def _loss_scaler(trainer):

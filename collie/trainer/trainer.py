@@ -126,7 +126,8 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, self.cfg.optim, self.cfg.train.max_steps)
         self.fused = getattr(self.optimizer, "fused_backward", False)
         fp16 = builders.compute_dtype(self.cfg) == torch.float16
-        self.scaler = torch.amp.GradScaler(self.device.type, enabled=fp16 and not self.fused)
+        # fused optimizers scale inside backward; DeepSpeed scales itself
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=fp16 and not self.fused and not self.deepspeed)
         if self.fused:  # LOMO / AdaLomo update inside backward; FSDP2/replicate have already reduced the gradient
             # [reliability] all-or-nothing non-finite steps unless optim.args.guard_nonfinite=false (fused.py)
             self.optimizer.setup_training(dp_group=self.ctx.dp_group, grad_reduce="none",
@@ -134,7 +135,6 @@ class Trainer:
                                           guard_nonfinite=self.cfg.optim.args.get("guard_nonfinite", True))
         if self.deepspeed:  # it reduces, clips, scales and steps from here on
             self.model = build_deepspeed_model(self.model, self.optimizer, self.cfg, self.ctx)
-            self.scaler = torch.amp.GradScaler(self.device.type, enabled=False)
 
     def collate(self, samples):
         """Pad a batch to its longest sample; under pipeline parallelism always to ``data.seq_len`` (stages fix
