@@ -21,14 +21,14 @@ def cmd_train(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from collie.trainer.builders import DTYPES
+    from collie.builders import DTYPES
     dtype = DTYPES[args.dtype] if args.dtype else None
     if args.merge:
         from collie.peft import merge_adapter
         merge_adapter(args.checkpoint, args.merge, args.out, dtype)
         print(f"merged adapter {args.merge} into {args.checkpoint}: wrote Hugging Face model to {args.out}")
         return 0
-    from collie.trainer.checkpoint import export_to_hf
+    from collie.checkpoint import export_to_hf
     export_to_hf(args.checkpoint, args.out, dtype)
     print(f"wrote Hugging Face model to {args.out}")
     return 0

@@ -262,7 +262,7 @@ def _check_model_arch(cfg: CollieConfig) -> None:
 
 def _check_card_and_arch(model) -> None:
     """The card exists and ``model.arch`` makes a valid architecture with it (what the Trainer will build)."""
-    from collie.trainer.builders import build_model_args
+    from collie.builders import build_model_args
     try:
         build_model_args(model)
     except ConfigError as e:

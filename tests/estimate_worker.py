@@ -18,7 +18,7 @@ import torch.distributed as dist
 from collie.distributed.launch import write_rank_result
 from collie.estimate.counting import count_collective_bytes
 from collie.models import ModelArgs, build_model
-from collie.trainer.loss import causal_lm_loss_sum
+from collie.loss import causal_lm_loss_sum
 
 BATCH, SEQ = 4, 16
 ARGS = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,

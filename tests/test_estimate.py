@@ -12,7 +12,7 @@ from collie.estimate.cli import estimate_main
 from collie.estimate.memory import GIB
 from collie.estimate.shapes import model_tensors, pipeline_stages
 from collie.models import ModelArgs, build_model, load_card
-from collie.trainer.loss import causal_lm_loss_sum
+from collie.loss import causal_lm_loss_sum
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # divisible by 2 and 4 everywhere, so that tp/ZeRO shards are exact

@@ -217,7 +217,7 @@ def test_truncation_that_drops_a_later_assistant_turn_is_counted(tok, tmp_path, 
 def test_seq_len_beyond_the_model_positions_is_a_config_error(tok, tmp_path):
     from collie import CollieConfig
     from collie.models import load_card
-    from collie.trainer.builders import build_dataset
+    from collie.builders import build_dataset
     path = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "hi", "output": "ok"}])
     cfg = CollieConfig.from_dict({"data": {"train_files": [str(path)], "seq_len": 1024}})
     with pytest.raises(ConfigError, match="data.seq_len=1024 exceeds the model's max_position_embeddings=512"):

@@ -212,7 +212,7 @@ def test_chunked_loss_and_compiled_layers_train_like_the_plain_model(tmp_path):
 
 
 def test_chunked_loss_sum_equals_the_full_loss_and_its_gradient():
-    from collie.trainer.loss import causal_lm_loss_sum, chunked_lm_loss_sum
+    from collie.loss import causal_lm_loss_sum, chunked_lm_loss_sum
     torch.manual_seed(0)
     head = torch.nn.Linear(8, 50)
     hidden = torch.randn(2, 11, 8, requires_grad=True)

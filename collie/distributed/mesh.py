@@ -116,6 +116,12 @@ class ParallelContext:
         self.mesh = None
 
 
+def barrier() -> None:
+    """Wait for every rank of the job (nothing to wait for in one process)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
 def init_parallel(parallel_cfg, device_type: str = "cpu") -> ParallelContext:
     """Read RANK/WORLD_SIZE/LOCAL_RANK (torchrun), start the process group (gloo on CPU, nccl on CUDA) with the
     configured timeout, resolve ``dp=-1`` and build the mesh. Reuses a process group that is already up."""

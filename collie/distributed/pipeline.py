@@ -15,7 +15,7 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 
 from collie.distributed.tensor_parallel import full_logits
 from collie.errors import ConfigError
-from collie.trainer.loss import count_loss_tokens
+from collie.loss import count_loss_tokens
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B}
 

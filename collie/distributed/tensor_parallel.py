@@ -18,7 +18,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 from torch.distributed.tensor.parallel import (ColwiseParallel, ParallelStyle, PrepareModuleInput,
                                                RowwiseParallel, SequenceParallel, parallelize_module)
 
-from collie.trainer.loss import IGNORE_INDEX, causal_lm_loss_sum, shift_labels
+from collie.loss import IGNORE_INDEX, causal_lm_loss_sum, shift_labels
 
 
 def apply_tensor_parallel(model, tp_mesh, sequence_parallel: bool = False, adapt_plan=None) -> None:

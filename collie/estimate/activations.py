@@ -152,7 +152,7 @@ def loss_saved_bytes(args: ModelArgs, setup: Setup) -> float:
 
 
 def loss_peak_bytes(args: ModelArgs, setup: Setup) -> float:
-    """Peak bytes per token of the loss, forward or backward (``collie.trainer.loss.causal_lm_loss_sum`` and
+    """Peak bytes per token of the loss, forward or backward (``collie.loss.causal_lm_loss_sum`` and
     ``_VocabParallelCrossEntropySum``), per element of the local vocabulary V/t, C = logits dtype:
 
     * forward: logits C + fp32 copy 4 + log-probs (shifted logits) 4 → C + 8 (C + 4 for fp32 logits on one

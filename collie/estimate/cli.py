@@ -78,7 +78,7 @@ def _job(options) -> tuple:
     flags = {FLAG_FIELDS[k]: v for k, v in vars(options).items() if k in FLAG_FIELDS and v is not None}
     if options.config:
         from collie.config import CollieConfig
-        from collie.trainer.builders import build_model_args
+        from collie.builders import build_model_args
         cfg = CollieConfig.load(options.config, options.overrides)
         args, label = build_model_args(cfg.model), cfg.model.pretrained or cfg.model.card
         setup = Setup.from_config(cfg, options.gpus)

@@ -133,7 +133,7 @@ class Setup:
         dp = p.dp
         if dp == -1:
             dp = max(1, (world_size or p.tp * p.pp) // (p.tp * p.pp))
-        from collie.trainer.builders import precision, storage_dtype
+        from collie.builders import precision, storage_dtype
         # collie's fp32 master weights for 16-bit models: fp32 parameters, 16-bit autocast
         param_dtype = str(storage_dtype(cfg)).removeprefix("torch.")
         return cls(

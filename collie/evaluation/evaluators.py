@@ -10,7 +10,7 @@ import torch
 from collie.evaluation.choice import CHOICE_METRICS, choice_eval, load_choice_records
 from collie.evaluation.generation import cut_at_stop, generate
 from collie.evaluation.metrics import TEXT_METRICS, get_text_metric
-from collie.trainer.loss import IGNORE_INDEX, count_loss_tokens
+from collie.loss import IGNORE_INDEX, count_loss_tokens
 
 __all__ = ["CHOICE_METRICS", "TEXT_METRICS", "choice_eval", "generation_metrics",
            "load_choice_records", "perplexity", "split_prompt_response"]

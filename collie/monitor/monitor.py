@@ -8,7 +8,7 @@ import torch
 
 from collie.monitor import meters
 from collie.monitor.sinks import build_sinks
-from collie.trainer.callbacks import Callback
+from collie.callbacks import Callback
 
 
 class Monitor(Callback):

@@ -87,7 +87,7 @@ def refresh_hessian(optimizer: SophiaG, model: torch.nn.Module, batch: dict, for
     gradients are reduced the same way. ``num_samples`` is B (default: the local number of sampled tokens;
     pass the global count under data parallelism).
     """
-    from collie.trainer.loss import IGNORE_INDEX, shift_labels  # the loss convention of the training loop
+    from collie.loss import IGNORE_INDEX, shift_labels  # the loss convention of the training loop
     model.zero_grad(set_to_none=True)
     logits = forward_fn(batch)
     if "labels" in batch:

@@ -1,5 +1,5 @@
 """The Trainer, its callbacks and checkpoints."""
-from collie.trainer.callbacks import Callback
+from collie.callbacks import Callback
 from collie.trainer.trainer import NonFiniteLossError, Trainer, TrainerState
 
 __all__ = ["Callback", "NonFiniteLossError", "Trainer", "TrainerState"]

@@ -20,7 +20,7 @@ from collie.config import CollieConfig
 from collie.data.collate import pad_collate
 from collie.data.loader import BatchStream
 from collie.data.pretrain import document_causal_mask
-from collie.distributed import clip_grad_norm_, full_logits, init_parallel, vocab_parallel_loss_sum
+from collie.distributed import barrier, clip_grad_norm_, full_logits, init_parallel, vocab_parallel_loss_sum
 from collie.distributed.deepspeed_engine import build_deepspeed_model
 from collie.errors import CollieError, ConfigError
 from collie.evaluation import evaluators
@@ -28,10 +28,11 @@ from collie.log import setup_logging
 from collie.monitor import Monitor, ProgressBar
 from collie.monitor.meters import synchronize
 from collie.optim import DynamicLossScaler, build_optimizer, refresh_hessian, sophia_refresh_due
-from collie.trainer import builders
+from collie import builders
+from collie.checkpoint import CheckpointManager
 from collie.trainer import checkpoint as ckpt
-from collie.trainer.callbacks import CallbackList
-from collie.trainer.loss import chunked_lm_loss_sum, count_loss_tokens
+from collie.callbacks import CallbackList
+from collie.loss import chunked_lm_loss_sum, count_loss_tokens
 from collie.trainer.schedule import build_scheduler
 
 logger = logging.getLogger("collie")
@@ -61,7 +62,7 @@ class Trainer:
         if self.is_main_process:
             os.makedirs(self.output_dir, exist_ok=True)
             config.save(os.path.join(self.output_dir, "config.yaml"))
-        ckpt.barrier()
+        barrier()
         setup_logging(self.output_dir, self.is_main_process, self.rank)
         torch.manual_seed(config.train.seed)
 
@@ -79,7 +80,7 @@ class Trainer:
         self.state = TrainerState()
         self.batches = self.train_batches()
         self.callbacks = CallbackList([ProgressBar(), Monitor(), *callbacks])
-        self.checkpointer = ckpt.CheckpointManager(os.path.join(self.output_dir, "checkpoints"),
+        self.checkpointer = CheckpointManager(os.path.join(self.output_dir, "checkpoints"),
                                                    config.checkpoint.keep_last)
         self._stop_requested = False
         ckpt.resume_trainer(self)
@@ -114,7 +115,7 @@ class Trainer:
     # --- setup -----------------------------------------------------------------------------------------------
     def _load_data(self, files, split):
         dataset, stats = builders.build_dataset(self.cfg, self.tokenizer, files, self.model_args,
-                                                self.is_main_process, ckpt.barrier)
+                                                self.is_main_process, barrier)
         logger.info("%s data: %d samples from %s (%s)", split, len(dataset), ", ".join(files), stats)
         return dataset
 

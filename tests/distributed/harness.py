@@ -22,7 +22,7 @@ from collie.distributed import (clip_grad_norm_, default_init_fn, gather_full_st
 from collie.distributed.launch import write_rank_result
 from collie.models import ModelArgs, build_model, get_model_class
 from collie.optim.registry import adamw
-from collie.trainer.loss import count_loss_tokens
+from collie.loss import count_loss_tokens
 
 STEPS, GLOBAL_BATCH, SEQ, SEED, LR, EPS, MAX_NORM = 5, 8, 16, 1234, 1e-2, 1e-5, 0.5
 # AdamW's eps: with the default 1e-8 an update is lr·g/(|g|+eps), which turns fp32 summation-order noise of

@@ -14,7 +14,7 @@ from collie.distributed.launch import write_rank_result
 from collie.models import ModelArgs, build_model
 from collie.optim.registry import adamw
 from collie.peft import apply_lora, trainable_parameters
-from collie.trainer.loss import count_loss_tokens
+from collie.loss import count_loss_tokens
 
 # eps=1e-5 (as in harness.py): with 1e-8, Adam turns round-off in near-zero gradients into lr-sized steps
 STEPS, BATCH, SEQ, SEED, LR, EPS = 4, 4, 12, 1234, 1e-2, 1e-5

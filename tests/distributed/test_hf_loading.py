@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from collie.distributed.launch import run_distributed
-from collie.trainer.loss import causal_lm_loss_sum
+from collie.loss import causal_lm_loss_sum
 
 import hf_load_rank
 

@@ -21,7 +21,7 @@ import sys
 from collie.cli import main
 from collie.distributed.launch import write_rank_result
 from collie.trainer import Callback, Trainer
-from collie.trainer import checkpoint as ckpt
+from collie.checkpoint import store as ckpt
 
 RANK = int(os.environ.get("RANK", "0"))
 

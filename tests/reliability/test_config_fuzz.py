@@ -15,7 +15,7 @@ import yaml
 from collie.config import SECTIONS, CollieConfig
 from collie.distributed.mesh import resolve_degrees, validate_model_for_layout
 from collie.errors import ConfigError
-from collie.trainer.builders import build_model_args
+from collie.builders import build_model_args
 from reliability_helpers import ROOT
 
 SEED, PER_FAMILY = 20261129, 40

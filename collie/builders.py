@@ -127,7 +127,7 @@ def save_hf_model(model, args, cfg, ctx, path: str) -> str | None:
         return save_trained(model, path, cfg.model.pretrained)
     from collie.distributed import gather_full_state_dict
     from collie.models import build_model as build_arch
-    from collie.trainer.checkpoint import barrier
+    from collie.distributed import barrier
     gather = getattr(model, "full_state_dict", None) or (lambda: gather_full_state_dict(model))
     state, written = gather(), None
     if ctx.is_main_process:
