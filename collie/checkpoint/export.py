@@ -5,7 +5,7 @@ import os
 
 import torch
 
-from collie.checkpoint.store import STATE_FILE, load_tensors, read_json
+from collie.checkpoint.store import STATE_FILE, CheckpointManager, load_tensors, read_json
 from collie.errors import CheckpointError
 
 
@@ -16,6 +16,7 @@ def export_to_hf(checkpoint_dir: str, out_dir: str, dtype: torch.dtype | None = 
     state_file = os.path.join(checkpoint_dir, STATE_FILE)
     if not os.path.isfile(state_file):
         raise CheckpointError(f"{checkpoint_dir} is not a collie checkpoint: {STATE_FILE} is missing")
+    CheckpointManager(os.path.dirname(os.path.abspath(checkpoint_dir))).verify(checkpoint_dir)
     saved = read_json(state_file)
     if not isinstance(saved.get("model_args"), dict):
         raise CheckpointError(f"{state_file} has no model_args: not a collie training checkpoint")

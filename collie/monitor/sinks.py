@@ -4,6 +4,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import math
 import os
 
 from collie.errors import ConfigError
@@ -17,17 +18,63 @@ class Sink:
 
 
 class JsonlSink(Sink):
-    """``metrics.jsonl``: one JSON object per logged step, what scripts and comparisons read."""
+    """``metrics.jsonl``: one strict-JSON object per logged step, what scripts and comparisons read.
+
+    A resumed run recomputes the steps after its checkpoint: its first row drops the rows of that step and later
+    ones (and a line cut short by a crash), so every step appears once. NaN and ±inf are written as the strings
+    "NaN", "Infinity", "-Infinity" (strict JSON has no such numbers; ``float(value)`` reads them back)."""
 
     def __init__(self, output_dir: str, filename: str = "metrics.jsonl"):
-        self.file = open(os.path.join(output_dir, filename), "a")
+        self.path = os.path.join(output_dir, filename)
+        self.file = None
 
     def write(self, step, metrics):
-        self.file.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.file is None:
+            _drop_rows_from(self.path, step)
+            self.file = open(self.path, "a")
+        self.file.write(json.dumps(_strict({"step": step, **metrics}), allow_nan=False) + "\n")
         self.file.flush()
 
     def close(self):
-        self.file.close()
+        if self.file is not None:
+            self.file.close()
+            self.file = None
+
+
+def _strict(value):
+    """``value`` with non-finite floats as strings, through dicts and lists."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict(v) for v in value]
+    return value
+
+
+def _drop_rows_from(path: str, step: int) -> None:
+    """Rewrite ``path`` (atomically) without rows of ``step`` or later and without unreadable lines."""
+    if not os.path.exists(path):
+        return
+    with open(path) as f:
+        lines = f.readlines()
+    kept = [line for line in lines if _row_step(line) is not None and _row_step(line) < step]
+    if len(kept) == len(lines):
+        return
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.writelines(kept)
+    os.replace(tmp, path)
+    logger.info("%s: dropped %d rows of steps >= %d (recomputed after resuming)", path, len(lines) - len(kept),
+                step)
+
+
+def _row_step(line: str) -> int | None:
+    try:
+        step = json.loads(line).get("step") if line.endswith("\n") else None
+    except (ValueError, AttributeError):
+        return None
+    return step if isinstance(step, int) else None
 
 
 class CsvSink(Sink):

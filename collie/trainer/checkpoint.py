@@ -99,7 +99,7 @@ def resume_trainer(trainer) -> None:
     checkpoint was saved at another dp/tp/pp layout."""
     manager, resume = trainer.checkpointer, trainer.cfg.checkpoint.resume
     manager.remove_partial()
-    path = manager.latest() if resume == "auto" else resume
+    path = manager.latest_intact() if resume == "auto" else resume  # skips damaged checkpoints
     if path is None:
         if resume == "auto":
             logger.info("checkpoint.resume=auto: no checkpoint in %s, starting from scratch", manager.root)

@@ -40,9 +40,11 @@ def saved(tmp_path_factory):
 
 
 def resume(tmp_path, saved, damage):
-    """Copy the checkpoint, damage it, resume a Trainer from it."""
+    """Copy the checkpoint, damage it, resume a Trainer from it. The copy has no manifest (as a checkpoint saved
+    before checksums), so that the loader's own checks are what is tested (checksums: test_checkpoint_integrity)."""
     checkpoint = tmp_path / "step-00000001"
     shutil.copytree(saved[0], checkpoint)
+    (checkpoint / "manifest.json").unlink()
     damage(checkpoint)
     Trainer(config(tmp_path / "run", f"checkpoint.resume={checkpoint}"), train_dataset=saved[2])
 
