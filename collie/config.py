@@ -132,6 +132,8 @@ class TrainConfig:
     loss_chunk_size: int = _f(0, "compute the LM head and loss over this many positions at a time, recomputing "
                                  "them in backward, so full-vocabulary logits never exist; 0 = off (one process)",
                               min=0)
+    overwrite: bool = _f(False, "a fresh run (checkpoint.resume unset) into an output_dir holding an earlier run's "
+                                "checkpoints deletes them (and its metrics) instead of refusing to start")
 
 
 @dataclass

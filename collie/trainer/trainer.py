@@ -29,7 +29,7 @@ from collie.monitor import Monitor, ProgressBar
 from collie.monitor.meters import synchronize
 from collie.optim import DynamicLossScaler, build_optimizer, refresh_hessian, sophia_refresh_due
 from collie import builders
-from collie.checkpoint import CheckpointManager
+from collie.checkpoint import CheckpointManager, claim_output_dir
 from collie.trainer import checkpoint as ckpt
 from collie.callbacks import CallbackList
 from collie.loss import chunked_lm_loss_sum, count_loss_tokens
@@ -60,7 +60,7 @@ class Trainer:
                               f"train.loss_chunk_size=0")
         self.output_dir = config.train.output_dir
         if self.is_main_process:
-            os.makedirs(self.output_dir, exist_ok=True)
+            self.output_lock = claim_output_dir(config)  # one run per directory (collie/checkpoint/lock.py)
             config.save(os.path.join(self.output_dir, "config.yaml"))
         barrier()
         setup_logging(self.output_dir, self.is_main_process, self.rank)
