@@ -29,8 +29,8 @@ def cmd_convert(args) -> int:
         print(f"merged adapter {args.merge} into {args.checkpoint}: wrote Hugging Face model to {args.out}")
         return 0
     from collie.checkpoint import export_to_hf
-    export_to_hf(args.checkpoint, args.out, dtype)
-    print(f"wrote Hugging Face model to {args.out}")
+    written = export_to_hf(args.checkpoint, args.out, dtype, adapter=args.adapter)
+    print(f"wrote {written} to {args.out}")
     return 0
 
 
@@ -54,11 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("config", help="YAML job config, e.g. configs/quickstart.yaml")
     train.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.max_steps=10 optim.lr=3e-4")
     train.set_defaults(run=cmd_train)
-    convert = sub.add_parser("convert", help="export a training checkpoint (or base model + LoRA adapter with "
-                                             "--merge) as a Hugging Face model directory")
+    convert = sub.add_parser("convert", help="export a training checkpoint (LoRA merged in) or base model + LoRA "
+                                             "adapter (--merge) as a Hugging Face model directory")
     convert.add_argument("checkpoint", help="checkpoint directory, e.g. OUTPUT_DIR/checkpoints/step-00001000; "
                                             "with --merge: the base Hugging Face model directory")
     convert.add_argument("--merge", metavar="ADAPTER", help="peft LoRA adapter directory to merge into the base")
+    convert.add_argument("--adapter", action="store_true", help="checkpoint of a peft.method=lora run: write its "
+                         "peft adapter (base model in OUT/base_model) instead of the merged model")
     convert.add_argument("out", help="directory to write (config.json + safetensors)")
     convert.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], help="cast weights when saving")
     convert.set_defaults(run=cmd_convert)

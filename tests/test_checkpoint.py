@@ -98,3 +98,27 @@ def test_convert_checkpoint_to_hugging_face(tmp_path):
     ids = torch.randint(0, 512, (2, 9))
     torch.testing.assert_close(hf(ids).logits, trainer.model(ids), rtol=1e-5, atol=1e-5)
     assert main(["convert", str(tmp_path), str(tmp_path / "x")]) == 2
+
+
+def test_convert_of_a_lora_checkpoint_keeps_what_was_trained(tmp_path):
+    """The merged model by default, the adapter with its base with --adapter: both give the trained logits."""
+    from collie.cli import main
+    from collie.models import from_pretrained
+    from collie.peft import load_model_or_adapter
+    trainer, _ = run(config(tmp_path, "train.max_steps=2", "peft.method=lora", "optim.lr=1e-2",
+                            "peft.target_modules=[q_proj, v_proj, lm_head]", "checkpoint.save_final=true"))
+    checkpoint = str(tmp_path / "checkpoints" / "step-00000002")
+    ids = torch.randint(0, 512, (2, 9))
+    with torch.no_grad():
+        trained = trainer.model(ids)
+        assert main(["convert", checkpoint, str(tmp_path / "merged")]) == 0
+        merged = from_pretrained(tmp_path / "merged")(ids)
+        assert main(["convert", checkpoint, str(tmp_path / "adapter"), "--adapter"]) == 0
+        adapted = load_model_or_adapter(tmp_path / "adapter")(ids)
+        base = from_pretrained(tmp_path / "adapter" / "base_model")(ids)
+    torch.testing.assert_close(merged, trained, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(adapted, trained, rtol=1e-5, atol=1e-5)
+    assert (base - trained).abs().max() > 1e-3  # the adapter matters
+    plain, _ = run(config(tmp_path / "plain", "train.max_steps=1", "checkpoint.save_final=true"))
+    assert main(["convert", str(tmp_path / "plain" / "checkpoints" / "step-00000001"), str(tmp_path / "x"),
+                 "--adapter"]) == 2

@@ -1,4 +1,8 @@
-"""Export the model of a training checkpoint (saved at any layout, by any engine) as a Hugging Face directory."""
+"""Export the model of a training checkpoint (saved at any layout, by any engine) as a Hugging Face directory.
+
+The model is rebuilt as it was trained: for a ``peft.method=lora`` run with its LoRA factors, which the export
+merges into the base weights (or, with ``adapter=True``, writes as a peft adapter next to its base model).
+"""
 from __future__ import annotations
 
 import os
@@ -9,19 +13,19 @@ from collie.checkpoint.store import STATE_FILE, CheckpointManager, load_tensors,
 from collie.errors import CheckpointError
 
 
-def export_to_hf(checkpoint_dir: str, out_dir: str, dtype: torch.dtype | None = None) -> None:
-    """Write the model of a training checkpoint (saved at any layout) as a Hugging Face directory."""
-    from collie.models import ModelArgs, build_model
-    from collie.schema import from_dict
+def export_to_hf(checkpoint_dir: str, out_dir: str, dtype: torch.dtype | None = None, adapter: bool = False) -> str:
+    """Write the model of a training checkpoint (saved at any layout) as a Hugging Face directory: the merged
+    model for a LoRA run, or with ``adapter`` its peft adapter in ``out_dir`` and the base model in
+    ``out_dir/base_model``. Returns what was written."""
     state_file = os.path.join(checkpoint_dir, STATE_FILE)
     if not os.path.isfile(state_file):
         raise CheckpointError(f"{checkpoint_dir} is not a collie checkpoint: {STATE_FILE} is missing")
     CheckpointManager(os.path.dirname(os.path.abspath(checkpoint_dir))).verify(checkpoint_dir)
     saved = read_json(state_file)
-    if not isinstance(saved.get("model_args"), dict):
-        raise CheckpointError(f"{state_file} has no model_args: not a collie training checkpoint")
-    args = from_dict(ModelArgs, saved["model_args"], f"{state_file}: model_args")
-    model = build_model(args, device="cpu")
+    model, lora = _trained_model(saved, state_file)
+    if adapter and not lora:
+        raise CheckpointError(f"{checkpoint_dir} is not from a peft.method=lora run, so it has no adapter to write; "
+                              f"convert it without --adapter")
     if saved.get("layout", {}).get("engine") == "deepspeed":
         from collie.distributed.deepspeed_engine import read_deepspeed_weights
         model.load_state_dict(read_deepspeed_weights(checkpoint_dir))
@@ -29,4 +33,34 @@ def export_to_hf(checkpoint_dir: str, out_dir: str, dtype: torch.dtype | None = 
         tensors = {"model": model.state_dict()}
         load_tensors(tensors, checkpoint_dir, no_dist=True)
         model.load_state_dict(tensors["model"])
+    return _save(model, out_dir, dtype, lora, adapter)
+
+
+def _trained_model(saved: dict, state_file: str):
+    """The model the checkpoint was trained as (LoRA factors included) on CPU, and whether it has LoRA."""
+    from collie.models import ModelArgs, build_model
+    from collie.peft import apply_lora
+    from collie.schema import from_dict
+    if not isinstance(saved.get("model_args"), dict):
+        raise CheckpointError(f"{state_file} has no model_args: not a collie training checkpoint")
+    model = build_model(from_dict(ModelArgs, saved["model_args"], f"{state_file}: model_args"), device="cpu")
+    peft = (saved.get("config") or {}).get("peft") or {}
+    method = peft.get("method", "none")
+    if method == "lora":
+        apply_lora(model, peft["r"], peft["alpha"], peft.get("dropout", 0.0), peft["target_modules"])
+    elif method != "none":
+        raise CheckpointError(f"{state_file}: a checkpoint of a peft.method={method} run cannot be exported as a "
+                              f"model (its adapter is peft's); the run's final/ directory holds the adapter")
+    return model, method == "lora"
+
+
+def _save(model, out_dir: str, dtype, lora: bool, adapter: bool) -> str:
+    from collie.peft import merge_lora, save_trained
+    if adapter:
+        if dtype is not None:
+            model.to(dtype)
+        return save_trained(model, out_dir)
+    if lora:
+        merge_lora(model)
     model.save_pretrained(out_dir, dtype=dtype)
+    return "model with its LoRA adapter merged" if lora else "model"

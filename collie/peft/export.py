@@ -84,21 +84,32 @@ def _peft_config(spec, targets: list[str], base_model_dir) -> dict:
 # --- loading and merging ---------------------------------------------------------------------------------
 
 def load_adapter(model, directory) -> list[str]:
-    """Apply the LoRA adapter saved in ``directory`` (peft format, e.g. from ``save_adapter``) to ``model`` and
-    load its weights. Returns the adapted linears' names."""
+    """Apply the LoRA adapter saved in ``directory`` (peft format, e.g. from ``save_adapter`` or peft's own
+    ``save_pretrained``) to ``model`` and load its weights. Returns the adapted linears' names.
+
+    Adapters that peft saved with embedding or ``lm_head`` targets also carry those layers' full base weights
+    (``….base_layer.weight``), which are loaded into the model; LoRA on an embedding (``lora_embedding_A/B``),
+    which collie's LoRA does not train, is merged into the embedding weight."""
     directory = Path(directory)
     config = _read_adapter_config(directory)
+    targets = _collie_targets(model, config["target_modules"])
+    embeddings = _embedding_names(model)
+    linear_targets = [t for t in targets if t not in embeddings]
     names = apply_lora(model, r=config["r"], alpha=config["lora_alpha"], dropout=config.get("lora_dropout", 0.0),
-                       target_modules=_collie_targets(model, config["target_modules"]))
-    _load_factors(model, directory)
+                       target_modules=linear_targets) if linear_targets else []
+    _load_factors(model, directory, config["lora_alpha"] / config["r"])
     return names
+
+
+def _embedding_names(model) -> set[str]:
+    return {name.rsplit(".", 1)[-1] for name, m in model.named_modules() if isinstance(m, torch.nn.Embedding)}
 
 
 def _collie_targets(model, hf_targets: list[str]) -> list[str]:
     """Collie names (last components) of Hugging Face target module names; unknown names pass through."""
     names = {}
     for name, module in model.named_modules():
-        if isinstance(module, torch.nn.Linear):
+        if isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
             key, transform = type(model).hf_source(f"{name}.weight", model.args)
             if transform is None:
                 names[key.removesuffix(".weight").rsplit(".", 1)[-1]] = name.rsplit(".", 1)[-1]
@@ -122,20 +133,58 @@ def _read_adapter_config(directory: Path) -> dict:
 
 
 @torch.no_grad()
-def _load_factors(model, directory: Path) -> None:
-    tensors = load_file(directory / ADAPTER_WEIGHTS)
+def _load_factors(model, directory: Path, scale: float) -> None:
+    file = directory / ADAPTER_WEIGHTS
+    try:
+        tensors = load_file(file)
+    except (OSError, ValueError, RuntimeError) as e:  # safetensors' errors for a missing or damaged file
+        raise CheckpointError(f"cannot read {file}: {e}") from None
     params = lora_parameters(model)
     expected = {_peft_key(model, name): name for name in params}
+    bases = {k: p for k, p in _base_weights(model).items() if k in tensors}
+    embedding_factors = _embedding_factors(model, tensors)
     missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected))
+    used = set(expected) | set(bases) | {k for pair in embedding_factors.values() for k in pair}
+    unexpected = sorted(set(tensors) - used)
     if missing or unexpected:
-        raise CheckpointError(f"{directory / ADAPTER_WEIGHTS} does not fit the model: missing {missing[:3]}, "
-                              f"unexpected {unexpected[:3]}")
+        raise CheckpointError(f"{file} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    for key, param in bases.items():  # layers peft saved whole (embedding / lm_head targets)
+        _copy(param, tensors[key], key)
+    for weight, (a_key, b_key) in embedding_factors.items():  # W += scale · (B·A)ᵀ, as peft's merge
+        delta = (tensors[b_key].float() @ tensors[a_key].float()).T * scale
+        _copy(weight, (weight.float() + delta).to(weight.dtype), a_key)
     for key, name in expected.items():
-        if tensors[key].shape != params[name].shape:
-            raise CheckpointError(f"{key}: adapter has {tuple(tensors[key].shape)}, model expects "
-                                  f"{tuple(params[name].shape)}")
-        params[name].copy_(tensors[key])
+        _copy(params[name], tensors[key], key)
+
+
+def _copy(param, tensor, key: str) -> None:
+    if tensor.shape != param.shape:
+        raise CheckpointError(f"{key}: adapter has {tuple(tensor.shape)}, model expects {tuple(param.shape)}")
+    param.copy_(tensor)
+
+
+def _base_weights(model) -> dict:
+    """peft key → parameter for the whole layers peft saves with embedding / lm_head targets: the base layer's
+    weight (``….lm_head.base_layer.weight``; older peft versions: ``….lm_head.weight``)."""
+    found = {}
+    for name, param in model.named_parameters():
+        key, transform = type(model).hf_source(name, model.args)
+        if ".lora_" not in name and transform is None and key.endswith(".weight"):
+            found[f"{PEFT_PREFIX}{key.removesuffix('.weight')}.base_layer.weight"] = param
+            found[f"{PEFT_PREFIX}{key}"] = param
+    return found
+
+
+def _embedding_factors(model, tensors: dict) -> dict:
+    """Embedding weight → (peft key of lora_embedding_A, of lora_embedding_B) present in ``tensors``."""
+    found = {}
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Embedding):
+            key, _ = type(model).hf_source(f"{name}.weight", model.args)
+            a_key = f"{PEFT_PREFIX}{key.removesuffix('.weight')}.lora_embedding_A"
+            if a_key in tensors and a_key[:-1] + "B" in tensors:
+                found[module.weight] = (a_key, a_key[:-1] + "B")
+    return found
 
 
 def load_model_or_adapter(directory, device="cpu"):
