@@ -7,7 +7,9 @@ data-parallel degree before DeepSpeed's backward.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import pickle
 
 import torch
 
@@ -113,8 +115,9 @@ class DeepSpeedModel:
     def load(self, directory: str) -> None:
         if not os.path.isdir(os.path.join(directory, TAG)):
             raise CheckpointError(f"{directory} has no {TAG}/ directory: it was not saved by the DeepSpeed engine")
-        path, _ = self.engine.load_checkpoint(directory, tag=TAG, load_module_strict=True,
-                                              load_lr_scheduler_states=False)
+        with weights_only_loads():
+            path, _ = self.engine.load_checkpoint(directory, tag=TAG, load_module_strict=True,
+                                                  load_lr_scheduler_states=False)
         if path is None:
             raise CheckpointError(f"DeepSpeed could not load {os.path.join(directory, TAG)} (saved with another "
                                   f"data-parallel degree or ZeRO stage?)")
@@ -124,7 +127,48 @@ def read_deepspeed_weights(directory: str) -> dict:
     """The full fp32 model state dict of a DeepSpeed checkpoint, on CPU, without processes (for export)."""
     _import_deepspeed()
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-    return get_fp32_state_dict_from_zero_checkpoint(directory, tag=TAG)
+    with weights_only_loads():
+        return get_fp32_state_dict_from_zero_checkpoint(directory, tag=TAG)
+
+
+# --- loading DeepSpeed's files without running code --------------------------------------------------------
+
+def _safe_globals() -> list:
+    """The non-tensor classes DeepSpeed pickles into its checkpoints: plain records of numbers."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum]
+
+
+@contextlib.contextmanager
+def weights_only_loads():
+    """While DeepSpeed reads a checkpoint (it calls ``torch.load(…, weights_only=False)``), ``torch.load`` runs
+    with ``weights_only=True`` and DeepSpeed's own record classes allowed: a file that needs any other global (a
+    pickled payload) is refused with a CheckpointError naming it, before anything in it runs."""
+    real_load, safe = torch.load, _safe_globals()
+
+    def load(f, *args, **kwargs):
+        kwargs["weights_only"] = True
+        try:
+            with torch.serialization.safe_globals(safe):
+                return real_load(f, *args, **kwargs)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
+            raise CheckpointError(f"cannot load {f}: {_refusal(e)}") from None
+
+    torch.load = load
+    try:
+        yield
+    finally:
+        torch.load = real_load
+
+
+def _refusal(error: Exception) -> str:
+    """The line of torch's weights_only error that names what was refused, else its first line."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    named = [line.split("error: ", 1)[-1].split(" was not", 1)[0] for line in lines if "Unsupported" in line]
+    if named:
+        return f"{named[0]} is not allowed (loading it could run code; refused)"
+    return (lines or [type(error).__name__])[0][:300]
 
 
 def build_deepspeed_model(model, optimizer, cfg, ctx) -> DeepSpeedModel:
