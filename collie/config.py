@@ -274,30 +274,8 @@ def _check_card_and_arch(model) -> None:
 
 
 def _check_parallel(cfg: CollieConfig) -> None:
-    p = cfg.parallel
-    if p.dp == 0:
-        raise ConfigError("parallel.dp=0 is invalid: use a positive degree or -1 to fill the world size")
-    if p.pp_boundaries is not None and len(p.pp_boundaries) != p.pp - 1:
-        raise ConfigError(f"parallel.pp_boundaries has {len(p.pp_boundaries)} entries; parallel.pp={p.pp} needs "
-                          f"{p.pp - 1} (the first layer of each stage after the first)")
-    if p.pp > 1 and cfg.train.micro_batch_size % (p.pp_microbatches or 2 * p.pp):
-        n = p.pp_microbatches or 2 * p.pp
-        raise ConfigError(f"train.micro_batch_size={cfg.train.micro_batch_size} must be a multiple of the "
-                          f"{n} pipeline micro-batches (parallel.pp_microbatches, default 2·pp)")
-    from collie.distributed.deepspeed_engine import check_deepspeed_layout
-    check_deepspeed_layout(cfg)
-    if cfg.train.loss_chunk_size and max(p.dp, p.tp, p.pp) > 1:
-        raise ConfigError("train.loss_chunk_size runs in one process (parallel.dp=tp=pp=1): under tensor "
-                          "parallelism the vocab-parallel loss already avoids full logits, and sharded or "
-                          "replicated heads need their gradient hooks; set train.loss_chunk_size=0")
-    if cfg.train.loss_chunk_size and cfg.peft.method in ("prefix", "prompt", "ia3"):
-        raise ConfigError(f"train.loss_chunk_size needs collie's own LM head; peft.method={cfg.peft.method} runs a "
-                          f"transformers model: set train.loss_chunk_size=0")
-    if p.sequence_parallel and p.tp == 1:
-        raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1")
-    if p.sequence_parallel and p.pp > 1 and cfg.data.seq_len % p.tp:
-        raise ConfigError(f"data.seq_len={cfg.data.seq_len} must be a multiple of parallel.tp={p.tp} with "
-                          f"sequence parallelism under pipeline parallelism (every batch is padded to seq_len)")
+    from collie.layout_rules import check_config
+    check_config(cfg)  # every layout / optimizer / batch rule, each in one place (collie/layout_rules.py)
 
 
 def _check_optim(cfg: CollieConfig) -> None:
@@ -323,10 +301,8 @@ def _check_data(cfg: CollieConfig) -> None:
         if m not in known:
             raise ConfigError(f"eval.metrics[{i}]='{m}' is unknown{suggest(m, known)}; choose from {sorted(known)}")
     chosen = [m for m in cfg.eval.metrics if m in CHOICE_METRICS]
-    if chosen and cfg.parallel.pp > 1:
-        raise ConfigError(f"eval.metrics: {chosen[0]} needs every position's logits on one rank, which is "
-                          f"not available under parallel.pp > 1 (generation metrics and perplexity are); use "
-                          f"parallel.pp=1 for it")
+    from collie.layout_rules import check_choice_metrics
+    check_choice_metrics(chosen, cfg.parallel.pp)
     generated = [m for m in cfg.eval.metrics if m in TEXT_METRICS]
     if generated and cfg.data.format != "instruction":
         raise ConfigError(f"eval.metrics: {generated[0]} needs data.format=instruction (it compares responses)")

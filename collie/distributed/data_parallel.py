@@ -22,7 +22,7 @@ from torch.distributed._composable.replicate_with_fsdp import replicate
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor
 
-from collie.errors import ConfigError
+from collie.layout_rules import check_cpu_offload
 
 
 def apply_data_parallel(model, dp_mesh, zero_stage: int, cpu_offload: bool = False,
@@ -30,9 +30,7 @@ def apply_data_parallel(model, dp_mesh, zero_stage: int, cpu_offload: bool = Fal
     """Wrap ``model`` (a whole model or a pipeline stage, possibly TP-sharded, possibly on meta) for ZeRO.
     ``compute_dtype`` (ZeRO-2/3 over fp32 master weights): parameters are gathered in it, gradients reduced
     in fp32."""
-    if cpu_offload and zero_stage < 2:
-        raise ConfigError(f"parallel.cpu_offload=true needs parallel.zero_stage 2 or 3 (got {zero_stage}): "
-                          f"offloading goes with FSDP's sharded parameters")
+    check_cpu_offload(cpu_offload, zero_stage)
     if zero_stage in (0, 1):
         for layer in model.model.layers.values():
             replicate(layer, mesh=dp_mesh)

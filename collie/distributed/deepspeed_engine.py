@@ -18,25 +18,6 @@ from collie.errors import CheckpointError, ConfigError
 TAG = "deepspeed"  # the sub-directory of a collie checkpoint that holds DeepSpeed's files
 
 
-def check_deepspeed_layout(cfg) -> None:
-    """Config-load check of what this engine supports."""
-    p = cfg.parallel
-    if p.engine != "deepspeed":
-        return
-    if p.tp > 1 or p.pp > 1:
-        raise ConfigError(f"parallel.engine=deepspeed runs data parallelism only (ZeRO stages 0-3); parallel.tp="
-                          f"{p.tp}, parallel.pp={p.pp} need parallel.engine=native")
-    if cfg.optim.name == "sophia":
-        raise ConfigError("optim.name=sophia refreshes its Hessian estimate from gradients that DeepSpeed "
-                          "partitions; with parallel.engine=deepspeed use adamw, lion or adan")
-    if cfg.optim.clip_grad_value:
-        raise ConfigError("optim.clip_grad_value is not applied by DeepSpeed (it clips by norm only); set it to 0 "
-                          "or use parallel.engine=native")
-    if cfg.peft.method not in ("none", "lora"):
-        raise ConfigError(f"peft.method={cfg.peft.method} runs in one process; with parallel.engine=deepspeed "
-                          f"use peft.method=none or lora")
-
-
 def _import_deepspeed():
     try:
         import deepspeed

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
+from collie import layout_rules
 from collie.errors import ConfigError
 
 MESH_DIMS = ("pp", "dp", "tp")
@@ -125,6 +126,7 @@ def barrier() -> None:
 def init_parallel(parallel_cfg, device_type: str = "cpu") -> ParallelContext:
     """Read RANK/WORLD_SIZE/LOCAL_RANK (torchrun), start the process group (gloo on CPU, nccl on CUDA) with the
     configured timeout, resolve ``dp=-1`` and build the mesh. Reuses a process group that is already up."""
+    layout_rules.check_launch(parallel_cfg.engine, "WORLD_SIZE" in os.environ)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -158,19 +160,8 @@ def _restart_store(world: int, timeout: datetime.timedelta):
 
 def resolve_degrees(parallel_cfg, world: int) -> tuple[int, int, int]:
     """(dp, tp, pp) with ``dp=-1`` filled in; ConfigError when they do not multiply to the world size."""
-    tp, pp, dp = parallel_cfg.tp, parallel_cfg.pp, parallel_cfg.dp
-    if dp == -1:
-        if world % (tp * pp):
-            raise ConfigError(f"world size {world} is not divisible by parallel.tp={tp} × parallel.pp={pp} = "
-                              f"{tp * pp}; launch "
-                              f"with --nproc_per_node a multiple of {tp * pp} or change parallel.tp/parallel.pp")
-        dp = world // (tp * pp)
-    if dp * tp * pp != world:
-        hint = f"set parallel.dp={world // (tp * pp)} or " if world % (tp * pp) == 0 else ""
-        raise ConfigError(f"world size {world} ≠ parallel.dp={dp} × parallel.tp={tp} × parallel.pp={pp} = "
-                          f"{dp * tp * pp}; {hint}launch with "
-                          f"--nproc_per_node {dp * tp * pp}")
-    return dp, tp, pp
+    tp, pp = parallel_cfg.tp, parallel_cfg.pp
+    return layout_rules.resolve_dp(world, parallel_cfg.dp, tp, pp), tp, pp
 
 
 def _divisors(n: int) -> str:

@@ -22,7 +22,8 @@ from collie.distributed.activation_checkpointing import apply_activation_checkpo
 from collie.distributed.data_parallel import apply_data_parallel, set_gradient_sync, shard_optimizer_state
 from collie.distributed.pipeline import PipelineRunner, build_stage_models
 from collie.distributed.tensor_parallel import apply_tensor_parallel, vocab_parallel_loss_sum
-from collie.errors import CheckpointError, ConfigError
+from collie.errors import CheckpointError
+from collie.layout_rules import check_cpu_offload
 
 
 @dataclass
@@ -88,14 +89,13 @@ def parallelize(model, args, parallel_cfg, ctx, device, init_fn: Callable[[], di
         parts, stage_ids = build_stage_models(model, parallel_cfg, ctx.pp_rank)
     else:
         parts, stage_ids = [model], [0]
+    check_cpu_offload(parallel_cfg.cpu_offload, parallel_cfg.zero_stage, parallel_cfg.engine, ctx.dp, ctx.world_size)
     for part in parts:
         if ctx.tp > 1:
             apply_tensor_parallel(part, ctx.tp_mesh, parallel_cfg.sequence_parallel, _plan_adapter(part))
         apply_activation_checkpointing(part, activation_checkpointing, checkpoint_every)
         if ctx.dp > 1:
             apply_data_parallel(part, ctx.dp_mesh, parallel_cfg.zero_stage, parallel_cfg.cpu_offload, compute_dtype)
-        elif parallel_cfg.cpu_offload:
-            raise ConfigError("parallel.cpu_offload=true shards over the data-parallel group and needs dp > 1")
     for part in parts:
         part.to_empty(device=device)
     parallel_model = ParallelModel(parts, stage_ids, ctx)

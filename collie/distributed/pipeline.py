@@ -15,6 +15,7 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 
 from collie.distributed.tensor_parallel import full_logits
 from collie.errors import ConfigError
+from collie.layout_rules import check_microbatches, check_pipeline_batch  # noqa: F401 (re-exported)
 from collie.loss import count_loss_tokens
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B}
@@ -144,10 +145,7 @@ class PipelineRunner:
 
     def _run(self, training: bool, input_ids, labels, position_ids, attention_mask):
         batch, seq = input_ids.shape
-        if batch % self.n_microbatches:
-            raise ConfigError(f"a pipeline step splits its batch into parallel.pp_microbatches="
-                              f"{self.n_microbatches} micro-batches; the batch has {batch} sequences; make the "
-                              f"per-rank batch (train.micro_batch_size) a multiple of {self.n_microbatches}")
+        check_pipeline_batch(batch, self.n_microbatches, "train.micro_batch_size" if training else "eval.batch_size")
         if position_ids is None:
             position_ids = torch.arange(seq, device=input_ids.device)[None]
         kwargs = {"position_ids": position_ids.expand(batch, seq)}
@@ -215,11 +213,3 @@ class PipelineRunner:
         dist.broadcast(logits, group=self.ctx.pp_group, group_src=owner(self.num_stages - 1))
         return logits
 
-
-def check_microbatches(n: int, pp: int, schedule: str) -> None:
-    if schedule == "1f1b" and n < pp:
-        raise ConfigError(f"parallel.pp_microbatches={n} is fewer than parallel.pp={pp} stages; 1f1b needs at "
-                          f"least {pp}")
-    if schedule == "interleaved_1f1b" and n % max(1, n // pp):
-        raise ConfigError(f"parallel.pp_microbatches={n} does not suit interleaved_1f1b with pp={pp}; use a "
-                          f"multiple of {pp}")

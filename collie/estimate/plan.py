@@ -1,7 +1,8 @@
 """Search dp × tp × pp (× ZeRO stage × activation checkpointing × sequence parallel) for layouts that fit.
 
-Every candidate is checked with collie's own layout rules (``validate_model_for_layout``, the fused-optimizer
-and Sophia restrictions), its memory estimated, and the ones that fit ranked by a simple step-time model:
+Every candidate is checked with collie's own layout rules (``validate_model_for_layout``, and
+``collie.layout_rules``, which ``Setup`` runs as config load does), its memory estimated, and the ones that
+fit ranked by a simple step-time model:
 
     step = compute·(1 + recompute) + bubble + tp + pp + exposed dp + offload
     compute  = FLOPs per GPU / (peak · efficiency)          FLOPs: collie.monitor.meters.flops_per_token
@@ -93,13 +94,16 @@ def _candidates(args, num_gpus, base, global_batch, zero_stages, checkpointing, 
         batch = _batching(base, pp, global_batch // dp)
         if batch is None:
             continue
+        boundaries = base.pp_boundaries if pp == base.pp else None  # the job's split fits only its own pp
         for zero, ckpt, sp, off in itertools.product(zero_stages, checkpointing, (False, True), (False, True)):
-            if (zero > 0 and dp == 1) or (sp and tp == 1) or (off and (not offload or zero < 2)):
+            if (zero > 0 and dp == 1) or (off and not offload):  # the search space, not validity
                 continue
-            setup = base.replace(dp=dp, tp=tp, pp=pp, zero_stage=zero, activation_checkpointing=ckpt,
-                                 sequence_parallel=sp, cpu_offload=off, **batch)
-            if _recipe_ok(setup):
-                yield setup
+            try:  # Setup.check runs collie's layout rules (collie.layout_rules), as config load does
+                setup = base.replace(dp=dp, tp=tp, pp=pp, zero_stage=zero, activation_checkpointing=ckpt,
+                                     sequence_parallel=sp, cpu_offload=off, pp_boundaries=boundaries, **batch)
+            except ConfigError:
+                continue
+            yield setup
 
 
 def _batching(base: Setup, pp: int, per_replica: int) -> dict | None:
@@ -111,11 +115,7 @@ def _batching(base: Setup, pp: int, per_replica: int) -> dict | None:
     chunks = per_replica // mbs
     if pp == 1:
         return {"micro_batch_size": mbs, "grad_accum_steps": chunks, "pp_microbatches": None}
-    n = max(d for d in _divisors(chunks) if d <= 4 * pp)
-    if base.pp_schedule == "1f1b" and n < pp:
-        return None
-    if base.pp_schedule == "interleaved_1f1b" and n % max(1, n // pp):
-        return None
+    n = max(d for d in _divisors(chunks) if d <= 4 * pp)  # a schedule that cannot run n: Setup refuses it
     return {"micro_batch_size": mbs * n, "grad_accum_steps": chunks // n, "pp_microbatches": n}
 
 
@@ -127,13 +127,6 @@ def _layout_ok(args: ModelArgs, base: Setup, tp: int, pp: int) -> bool:
     except ConfigError:
         return False
     return True
-
-
-def _recipe_ok(setup: Setup) -> bool:
-    """collie's config-time restrictions (collie.optim.fused.validate_fused_config, Sophia's validator)."""
-    if setup.fused and (setup.pp > 1 or setup.zero_stage in (1, 2)):
-        return False
-    return not (setup.optimizer == "sophia" and setup.pp > 1)
 
 
 def _evaluate(args: ModelArgs, setup: Setup, gpu_mem_gib: float, hw: Hardware) -> PlanRow | None:

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Optional
 
 from collie.errors import ConfigError
+from collie.layout_rules import check_layout, pipeline_microbatches
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 PRECISION_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -32,6 +33,7 @@ class Setup:
     pp_microbatches: Optional[int] = None  # None = 2·pp (collie's default)
     pp_split: str = "uniform"  # uniform or balanced (parallel.pp_split)
     pp_boundaries: Optional[tuple[int, ...]] = None  # first layer of stages 1..pp-1 (parallel.pp_boundaries)
+    engine: str = "native"  # parallel.engine: native or deepspeed (its layout rules; memory: master_weights)
     optimizer: str = "adamw"
     clip_grad_norm: float = 0.0  # LOMO/AdaLomo run a second backward to get the norm when > 0
     master_weights: bool = False  # fp32 master copy + fp32 states for 16-bit params (DeepSpeed engine)
@@ -67,9 +69,7 @@ class Setup:
     @property
     def n_microbatches(self) -> int:
         """Pipeline micro-batches per forward of ``micro_batch_size`` sequences (1 without pp)."""
-        if self.pp == 1:
-            return 1
-        return self.pp_microbatches or 2 * self.pp
+        return pipeline_microbatches(self.pp, self.pp_microbatches)
 
     @property
     def stages_per_rank(self) -> int:
@@ -111,16 +111,15 @@ class Setup:
         _choice("activation_checkpointing", self.activation_checkpointing, ("none", "full", "selective", "attention"))
         _choice("pp_schedule", self.pp_schedule, ("gpipe", "1f1b", "interleaved_1f1b"))
         _choice("pp_split", self.pp_split, ("uniform", "balanced"))
+        _choice("engine", self.engine, ("native", "deepspeed"))
         unknown = [t for t in self.lora_targets if t not in LINEAR_NAMES]
         if unknown:
             raise ConfigError(f"estimate: lora target(s) {unknown} unknown; choose from {', '.join(LINEAR_NAMES)}")
-        if self.pp > 1 and self.micro_batch_size % self.n_microbatches:
-            raise ConfigError(f"estimate: micro_batch_size={self.micro_batch_size} must be a multiple of the "
-                              f"{self.n_microbatches} pipeline micro-batches (parallel.pp_microbatches)")
-        if self.cpu_offload and self.zero_stage < 2:
-            raise ConfigError("estimate: cpu_offload needs zero_stage 2 or 3 (FSDP2's offload policy)")
-        if self.sequence_parallel and self.tp == 1:
-            raise ConfigError("estimate: sequence_parallel needs tp > 1")
+        check_layout(dp=self.dp, tp=self.tp, pp=self.pp, zero_stage=self.zero_stage, engine=self.engine,
+                     optimizer=self.optimizer, fused=self.fused, micro_batch_size=self.micro_batch_size,
+                     pp_microbatches=self.pp_microbatches, pp_schedule=self.pp_schedule,
+                     pp_boundaries=self.pp_boundaries, seq_len=self.seq_len, sequence_parallel=self.sequence_parallel,
+                     cpu_offload=self.cpu_offload, peft=self.peft)
 
     # --- from a job config -----------------------------------------------------------------------------------
     @classmethod
@@ -140,7 +139,7 @@ class Setup:
             dp=dp, tp=p.tp, pp=p.pp, zero_stage=p.zero_stage, cpu_offload=p.cpu_offload,
             sequence_parallel=p.sequence_parallel, pp_schedule=p.pp_schedule, pp_microbatches=p.pp_microbatches,
             pp_split=p.pp_split, pp_boundaries=tuple(p.pp_boundaries) if p.pp_boundaries else None,
-            optimizer=cfg.optim.name, clip_grad_norm=cfg.optim.clip_grad_norm,
+            engine=p.engine, optimizer=cfg.optim.name, clip_grad_norm=cfg.optim.clip_grad_norm,
             master_weights=p.engine == "deepspeed", peft=cfg.peft.method,
             lora_r=cfg.peft.r, lora_targets=tuple(cfg.peft.target_modules), param_dtype=param_dtype,
             precision=precision(cfg), activation_checkpointing=cfg.model.activation_checkpointing,

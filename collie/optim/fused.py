@@ -57,7 +57,6 @@ from functools import partial
 import torch
 import torch.distributed as dist
 
-from collie.errors import ConfigError
 from collie.optim.sharded import SquareSumAccumulator, local_grad, local_sum_of_squares, local_tensor, shard_layout
 
 
@@ -321,14 +320,6 @@ def commit_(target: torch.Tensor, new: torch.Tensor, guard) -> None:
 
 
 def validate_fused_config(cfg) -> None:
-    """Combinations a fused optimizer cannot run with, reported at config load."""
-    name, p = cfg.optim.name, cfg.parallel
-    if p.pp > 1:
-        raise ConfigError(f"optim.name={name} updates inside backward and cannot run under pipeline schedules "
-                          f"(parallel.pp={p.pp}); use parallel.pp=1 or a classic optimizer (adamw, lion, …)")
-    if p.zero_stage == 1:
-        raise ConfigError(f"parallel.zero_stage=1 splits optimizer.step() over ranks, but optim.name={name} "
-                          f"updates inside backward and keeps no gradients; use parallel.zero_stage 0, 2 or 3")
-    if p.engine == "deepspeed":
-        raise ConfigError(f"optim.name={name} needs collie's own backward; parallel.engine=deepspeed runs its own. "
-                          f"Use parallel.engine=native")
+    """Combinations a fused optimizer cannot run with, reported at config load (rule: collie.layout_rules)."""
+    from collie.layout_rules import check_fused_optimizer
+    check_fused_optimizer(cfg.optim.name, cfg.parallel.pp, cfg.parallel.zero_stage, cfg.parallel.engine)

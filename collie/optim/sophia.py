@@ -12,7 +12,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from collie.errors import ConfigError
 from collie.optim.foreach import closure_loss, foreach_lists
 from collie.optim.registry import register_optimizer
 from collie.optim.sharded import local_grad, local_tensor
@@ -101,9 +100,8 @@ def refresh_hessian(optimizer: SophiaG, model: torch.nn.Module, batch: dict, for
 
 
 def validate_sophia_config(cfg) -> None:
-    if cfg.parallel.pp > 1:
-        raise ConfigError(f"optim.name=sophia refreshes its Hessian estimate from the logits of a forward pass, "
-                          f"which no single stage has under parallel.pp={cfg.parallel.pp}; use parallel.pp=1")
+    from collie.layout_rules import check_sophia
+    check_sophia("sophia", cfg.parallel.pp)
 
 
 @register_optimizer("sophia", validate=validate_sophia_config)

@@ -1,0 +1,199 @@
+"""Which layouts, optimizers and batch sizes can run together: each rule once, over plain values.
+
+Config load (``collie.config``), the estimator (``Setup.check``, and through it the planner's search), the
+optimizers' validators and the runtime (pipeline runner, data parallelism, DeepSpeed, the mesh) call these
+functions. Each raises ``ConfigError`` naming the config key and what would be valid. ``check_layout`` runs
+every rule that needs no model and no environment; ``check_config`` feeds it a ``CollieConfig``.
+Model-shape rules (heads, layers, vocab over tp/pp) live in ``collie.distributed.mesh.validate_model_for_layout``.
+"""
+from __future__ import annotations
+
+from collie.errors import ConfigError
+
+FULL_LOGIT_PEFT = ("none", "lora")  # peft methods that keep collie's own model (the others run transformers)
+
+
+# --- degrees and world size --------------------------------------------------------------------------------
+
+def check_degrees(dp: int) -> None:
+    if dp == 0:
+        raise ConfigError("parallel.dp=0 is invalid: use a positive degree or -1 to fill the world size")
+
+
+def resolve_dp(world: int, dp: int, tp: int, pp: int) -> int:
+    """``dp`` with -1 filled in from the world size; ConfigError when the degrees do not multiply to it."""
+    if dp == -1:
+        if world % (tp * pp):
+            raise ConfigError(f"world size {world} is not divisible by parallel.tp={tp} × parallel.pp={pp} = "
+                              f"{tp * pp}; launch with --nproc_per_node a multiple of {tp * pp} or change "
+                              f"parallel.tp/parallel.pp")
+        dp = world // (tp * pp)
+    if dp * tp * pp != world:
+        hint = f"set parallel.dp={world // (tp * pp)} or " if world % (tp * pp) == 0 else ""
+        raise ConfigError(f"world size {world} ≠ parallel.dp={dp} × parallel.tp={tp} × parallel.pp={pp} = "
+                          f"{dp * tp * pp}; {hint}launch with --nproc_per_node {dp * tp * pp}")
+    return dp
+
+
+def check_launch(engine: str, launched: bool) -> None:
+    """``launched``: the process was started by torchrun (WORLD_SIZE is set)."""
+    if engine == "deepspeed" and not launched:
+        raise ConfigError("parallel.engine=deepspeed needs a torchrun launch (WORLD_SIZE is not set): run "
+                          "torchrun --nproc_per_node N -m collie train CONFIG, or set parallel.engine=native")
+
+
+# --- pipeline ----------------------------------------------------------------------------------------------
+
+def pipeline_microbatches(pp: int, pp_microbatches: int | None) -> int:
+    """Micro-batches per pipeline step: parallel.pp_microbatches, default 2·pp; 1 without pipelining."""
+    return 1 if pp == 1 else pp_microbatches or 2 * pp
+
+
+def check_pp_boundaries(pp: int, boundaries) -> None:
+    if boundaries is not None and len(boundaries) != pp - 1:
+        raise ConfigError(f"parallel.pp_boundaries has {len(boundaries)} entries; parallel.pp={pp} needs "
+                          f"{pp - 1} (the first layer of each stage after the first)")
+
+
+def check_microbatches(n: int, pp: int, schedule: str) -> None:
+    """The schedule can run ``n`` micro-batches over ``pp`` stages."""
+    if schedule == "1f1b" and n < pp:
+        raise ConfigError(f"parallel.pp_microbatches={n} is fewer than parallel.pp={pp} stages; 1f1b needs at "
+                          f"least {pp}")
+    if schedule == "interleaved_1f1b" and n % max(1, n // pp):
+        raise ConfigError(f"parallel.pp_microbatches={n} does not suit interleaved_1f1b with pp={pp}; use a "
+                          f"multiple of {pp}")
+
+
+def check_pipeline_batch(batch: int, n: int, key: str = "train.micro_batch_size") -> None:
+    """A pipeline step splits ``batch`` sequences (the value of ``key``) into ``n`` equal micro-batches."""
+    if batch % n:
+        raise ConfigError(f"{key}={batch} must be a multiple of the {n} pipeline micro-batches "
+                          f"(parallel.pp_microbatches, default 2·pp); choose {key}={(batch // n + 1) * n} or "
+                          f"a parallel.pp_microbatches that divides {batch}")
+
+
+def check_choice_metrics(chosen: list[str], pp: int) -> None:
+    """Choice metrics (multiple_choice, classification) read every position's logits on one rank."""
+    if chosen and pp > 1:
+        raise ConfigError(f"eval.metrics: {chosen[0]} needs every position's logits on one rank, which is "
+                          f"not available under parallel.pp > 1 (generation metrics and perplexity are); use "
+                          f"parallel.pp=1 for it")
+
+
+# --- tensor / sequence parallel, loss ----------------------------------------------------------------------
+
+def check_sequence_parallel(sequence_parallel: bool, tp: int, pp: int, seq_len: int) -> None:
+    if sequence_parallel and tp == 1:
+        raise ConfigError("parallel.sequence_parallel=true needs parallel.tp > 1")
+    if sequence_parallel and pp > 1 and seq_len % tp:
+        raise ConfigError(f"data.seq_len={seq_len} must be a multiple of parallel.tp={tp} with "
+                          f"sequence parallelism under pipeline parallelism (every batch is padded to seq_len)")
+
+
+def check_loss_chunk(loss_chunk_size: int, dp: int, tp: int, pp: int, peft: str) -> None:
+    if loss_chunk_size and max(dp, tp, pp) > 1:
+        raise ConfigError("train.loss_chunk_size runs in one process (parallel.dp=tp=pp=1): under tensor "
+                          "parallelism the vocab-parallel loss already avoids full logits, and sharded or "
+                          "replicated heads need their gradient hooks; set train.loss_chunk_size=0")
+    if loss_chunk_size and peft not in FULL_LOGIT_PEFT:
+        raise ConfigError(f"train.loss_chunk_size needs collie's own LM head; peft.method={peft} runs a "
+                          f"transformers model: set train.loss_chunk_size=0")
+
+
+# --- data parallel -----------------------------------------------------------------------------------------
+
+def check_cpu_offload(cpu_offload: bool, zero_stage: int, engine: str = "native", dp: int = -1,
+                      world_size: int | None = None) -> None:
+    """Native offload is FSDP2's offload policy: sharded parameters over a data-parallel group of more than
+    one rank (``dp``/``world_size`` when known; a one-process job ignores parallel settings). DeepSpeed
+    checks its own offload."""
+    if not cpu_offload or engine != "native":
+        return
+    if zero_stage < 2:
+        raise ConfigError(f"parallel.cpu_offload=true needs parallel.zero_stage 2 or 3 (got {zero_stage}): "
+                          f"offloading goes with FSDP's sharded parameters")
+    if dp == 1 and world_size is not None and world_size > 1:
+        raise ConfigError(f"parallel.cpu_offload=true shards over the data-parallel group and needs "
+                          f"parallel.dp > 1 (this layout has parallel.dp=1 of world size {world_size})")
+
+
+# --- optimizers and engines --------------------------------------------------------------------------------
+
+def check_fused_optimizer(name: str, pp: int, zero_stage: int, engine: str) -> None:
+    """An optimizer that updates inside backward (LOMO, AdaLomo)."""
+    if pp > 1:
+        raise ConfigError(f"optim.name={name} updates inside backward and cannot run under pipeline schedules "
+                          f"(parallel.pp={pp}); use parallel.pp=1 or a classic optimizer (adamw, lion, …)")
+    if zero_stage == 1:
+        raise ConfigError(f"parallel.zero_stage=1 splits optimizer.step() over ranks, but optim.name={name} "
+                          f"updates inside backward and keeps no gradients; use parallel.zero_stage 0, 2 or 3")
+    if engine == "deepspeed":
+        raise ConfigError(f"optim.name={name} needs collie's own backward; parallel.engine=deepspeed runs its own. "
+                          f"Use parallel.engine=native")
+
+
+def check_sophia(name: str, pp: int) -> None:
+    if name == "sophia" and pp > 1:
+        raise ConfigError(f"optim.name=sophia refreshes its Hessian estimate from the logits of a forward pass, "
+                          f"which no single stage has under parallel.pp={pp}; use parallel.pp=1")
+
+
+def check_deepspeed(engine: str, tp: int, pp: int, optimizer: str, clip_grad_value: float, peft: str) -> None:
+    """What the DeepSpeed engine supports."""
+    if engine != "deepspeed":
+        return
+    if tp > 1 or pp > 1:
+        raise ConfigError(f"parallel.engine=deepspeed runs data parallelism only (ZeRO stages 0-3); parallel.tp="
+                          f"{tp}, parallel.pp={pp} need parallel.engine=native")
+    if optimizer == "sophia":
+        raise ConfigError("optim.name=sophia refreshes its Hessian estimate from gradients that DeepSpeed "
+                          "partitions; with parallel.engine=deepspeed use adamw, lion or adan")
+    if clip_grad_value:
+        raise ConfigError("optim.clip_grad_value is not applied by DeepSpeed (it clips by norm only); set it to 0 "
+                          "or use parallel.engine=native")
+    if peft not in FULL_LOGIT_PEFT:
+        raise ConfigError(f"peft.method={peft} runs in one process; with parallel.engine=deepspeed "
+                          f"use peft.method=none or lora")
+
+
+# --- entry points ------------------------------------------------------------------------------------------
+
+def check_layout(*, dp: int = -1, tp: int = 1, pp: int = 1, zero_stage: int = 0, engine: str = "native",
+                 optimizer: str = "adamw", fused: bool = False, micro_batch_size: int = 1,
+                 eval_batch_size: int | None = None, pp_microbatches: int | None = None,
+                 pp_schedule: str = "1f1b", pp_boundaries=None, seq_len: int = 2048, sequence_parallel: bool = False,
+                 cpu_offload: bool = False, peft: str = "none", loss_chunk_size: int = 0,
+                 clip_grad_value: float = 0.0) -> None:
+    """Every rule above that needs neither the model nor the environment. ``dp=-1``: resolved at launch
+    (the rules that need it run then); ``fused``: the optimizer updates inside backward; ``eval_batch_size``:
+    None when nothing is evaluated."""
+    check_degrees(dp)
+    check_pp_boundaries(pp, pp_boundaries)
+    if pp > 1:
+        n = pipeline_microbatches(pp, pp_microbatches)
+        check_pipeline_batch(micro_batch_size, n, "train.micro_batch_size")
+        if eval_batch_size is not None:
+            check_pipeline_batch(eval_batch_size, n, "eval.batch_size")
+        check_microbatches(n, pp, pp_schedule)
+    check_deepspeed(engine, tp, pp, optimizer, clip_grad_value, peft)
+    check_loss_chunk(loss_chunk_size, dp, tp, pp, peft)
+    check_sequence_parallel(sequence_parallel, tp, pp, seq_len)
+    check_cpu_offload(cpu_offload, zero_stage, engine, dp, dp * tp * pp if dp > 0 else None)
+    if fused:
+        check_fused_optimizer(optimizer, pp, zero_stage, engine)
+    check_sophia(optimizer, pp)
+
+
+def check_config(cfg) -> None:
+    """``check_layout`` over a ``CollieConfig`` (at load)."""
+    from collie.optim import is_fused_optimizer, list_optimizers
+    p, name = cfg.parallel, cfg.optim.name
+    check_layout(dp=p.dp, tp=p.tp, pp=p.pp, zero_stage=p.zero_stage, engine=p.engine, optimizer=name,
+                 fused=name in list_optimizers() and is_fused_optimizer(name),  # unknown names: _check_optim
+                 micro_batch_size=cfg.train.micro_batch_size,
+                 eval_batch_size=cfg.eval.batch_size if cfg.data.eval_files else None,
+                 pp_microbatches=p.pp_microbatches, pp_schedule=p.pp_schedule, pp_boundaries=p.pp_boundaries,
+                 seq_len=cfg.data.seq_len, sequence_parallel=p.sequence_parallel, cpu_offload=p.cpu_offload,
+                 peft=cfg.peft.method, loss_chunk_size=cfg.train.loss_chunk_size,
+                 clip_grad_value=cfg.optim.clip_grad_value)
