@@ -108,7 +108,8 @@ class DataConfig:
                                                                    "blank lines, or one document per file")
     cache_dir: Optional[str] = _f(None, "pretrain: where tokenized corpora are cached and memory-mapped; null = "
                                         "<train.output_dir>/data_cache (point runs at one directory to share it)")
-    skip_malformed: bool = _f(False, "skip malformed records and count them (reported) instead of failing")
+    skip_malformed: bool = _f(False, "pretrain: skip malformed records (bad JSON, missing text field) and count "
+                                     "them (reported) instead of failing; instruction data always fail on one")
     pad_to_multiple_of: Optional[int] = _f(None, "round padded batch length up to a multiple of this", min=1)
     shuffle: bool = _f(True, "shuffle the training data each epoch")
 
