@@ -191,19 +191,20 @@ class CheckpointManager:
     def save(self, step: int, tensors: dict, trainer_state: dict, write_engine=None) -> str:
         """Write a checkpoint collectively (every rank calls this); returns the final directory.
         ``write_engine(directory)``: an engine that saves its own files (DeepSpeed), inside the same directory.
-        A full disk raises CheckpointError saying so; the partial directory is removed, older checkpoints stay."""
+        A full disk raises CheckpointError saying so and removes the partial directory (after other failures it
+        is removed at the next start); older checkpoints stay."""
         final = os.path.join(self.root, f"step-{step:08d}")
         tmp = os.path.join(self.root, f".tmp-step-{step:08d}")
         try:
             self._write(tmp, tensors, trainer_state, write_engine)
         except (Exception, CheckpointException) as e:  # DCP's CheckpointException is a BaseException
+            if not _disk_full(e):
+                raise  # the partial directory is removed at the next start
             if _rank() == 0:
-                shutil.rmtree(tmp, ignore_errors=True)
-            if _disk_full(e):
-                raise CheckpointError(f"no space left on device while saving checkpoint {os.path.basename(final)} "
-                                      f"in {self.root}; earlier checkpoints are intact: free space, then resume "
-                                      f"with checkpoint.resume=auto") from None
-            raise
+                shutil.rmtree(tmp, ignore_errors=True)  # free what it took
+            raise CheckpointError(f"no space left on device while saving checkpoint {os.path.basename(final)} in "
+                                  f"{self.root}; earlier checkpoints are intact: free space, then resume with "
+                                  f"checkpoint.resume=auto") from None
         if _rank() == 0:
             if os.path.exists(final):
                 shutil.rmtree(final)
