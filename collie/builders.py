@@ -110,31 +110,13 @@ def compile_layers(model, train_cfg):
     return model
 
 
-def count_parameters(model, ctx) -> tuple[int, int]:
+def count_parameters(parts, ctx) -> tuple[int, int]:
     """(trainable, total) parameters of the whole model, not of this rank's shard or pipeline stage."""
     from collie.peft import count_parameters as count
-    counts = torch.tensor([sum(c) for c in zip(*(count(part) for part in getattr(model, "parts", [model])))])
+    counts = torch.tensor([sum(c) for c in zip(*(count(part) for part in parts))])
     if ctx.pp > 1:
         torch.distributed.all_reduce(counts, group=ctx.pp_group)
     return int(counts[0]), int(counts[1])
-
-
-def save_hf_model(model, args, cfg, ctx, path: str) -> str | None:
-    """Write the trained model from any layout (a Hugging Face directory, or a peft adapter under PEFT; see
-    ``collie.peft.save_trained``): shards are gathered to global rank 0, which writes."""
-    from collie.peft import apply_peft, save_trained
-    if ctx.world_size == 1:
-        return save_trained(model, path, cfg.model.pretrained)
-    from collie.distributed import gather_full_state_dict
-    from collie.models import build_model as build_arch
-    from collie.distributed import barrier
-    gather = getattr(model, "full_state_dict", None) or (lambda: gather_full_state_dict(model))
-    state, written = gather(), None
-    if ctx.is_main_process:
-        full = apply_peft(build_arch(args, device="meta"), cfg.peft, cfg.train.seed, ctx.world_size)
-        written = save_trained(full, path, cfg.model.pretrained, state)
-    barrier()
-    return written
 
 
 def build_tokenizer(cfg):

@@ -15,6 +15,7 @@ from collie.peft import (apply_hf_peft, apply_lora, apply_peft, count_parameters
                          lora_parameters, merge_adapter, merge_lora, save_adapter, trainable_parameters,
                          validate_peft_config)
 from collie.peft.export import ADAPTER_WEIGHTS
+from tolerance import assert_logits_close
 
 ARGS = ModelArgs(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                  num_key_value_heads=2, max_position_embeddings=64)
@@ -151,7 +152,7 @@ def test_saved_adapter_loads_in_peft_with_the_same_logits(tmp_path, base_dir):
     keys = load_file(tmp_path / "adapter_model.safetensors")
     assert "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight" in keys
     hf = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base_dir), tmp_path)
-    torch.testing.assert_close(hf(input_ids=IDS).logits, model(IDS), rtol=1e-5, atol=1e-5)
+    assert_logits_close(hf(input_ids=IDS).logits, model(IDS), ARGS)
 
 
 def test_adapter_keys_follow_the_architecture_names(tmp_path):
@@ -180,7 +181,7 @@ def test_load_adapter_reads_an_adapter_written_by_peft(tmp_path, base_dir):
     hf.save_pretrained(tmp_path)
     model = from_pretrained(base_dir)
     load_adapter(model, tmp_path)
-    torch.testing.assert_close(model(IDS), hf(input_ids=IDS).logits, rtol=1e-5, atol=1e-5)
+    assert_logits_close(model(IDS), hf(input_ids=IDS).logits, ARGS)
 
 
 def test_load_adapter_restores_the_model(tmp_path):
@@ -196,17 +197,17 @@ def test_merge_gives_the_same_logits_and_saves_as_a_plain_model(tmp_path):
     expected = model(IDS).detach()
     merge_lora(model)
     assert not lora_parameters(model) and not hasattr(model.lm_head, "lora_A")
-    torch.testing.assert_close(model(IDS), expected, rtol=1e-5, atol=1e-5)
+    assert_logits_close(model(IDS), expected, ARGS)
     save_pretrained(model, tmp_path)
     hf = transformers.AutoModelForCausalLM.from_pretrained(tmp_path)
-    torch.testing.assert_close(hf(input_ids=IDS).logits, expected, rtol=1e-5, atol=1e-5)
+    assert_logits_close(hf(input_ids=IDS).logits, expected, ARGS)
 
 
 def test_merge_adapter_from_directories(tmp_path, base_dir):
     model = lora_model(["q_proj", "o_proj"])
     save_adapter(model, tmp_path / "adapter", base_model_dir=base_dir)
     merge_adapter(base_dir, tmp_path / "adapter", tmp_path / "merged")
-    torch.testing.assert_close(from_pretrained(tmp_path / "merged")(IDS), model(IDS), rtol=1e-5, atol=1e-5)
+    assert_logits_close(from_pretrained(tmp_path / "merged")(IDS), model(IDS), ARGS)
 
 
 # --- prefix / prompt / IA3 through Hugging Face peft -----------------------------------------------------
@@ -234,7 +235,7 @@ def test_peft_methods_refuse_several_processes():
 
 def test_ia3_starts_as_the_base_model_and_saves_a_peft_adapter(tmp_path, base_dir):
     model = apply_hf_peft(base_model(), "ia3", target_modules=["k_proj", "v_proj", "down_proj"])
-    torch.testing.assert_close(model(IDS), base_model()(IDS), rtol=1e-5, atol=1e-5)
+    assert_logits_close(model(IDS), base_model()(IDS), ARGS)
     with torch.no_grad():
         for p in model.parameters():
             if p.requires_grad:
@@ -242,7 +243,7 @@ def test_ia3_starts_as_the_base_model_and_saves_a_peft_adapter(tmp_path, base_di
     model.save_pretrained(tmp_path, base_model_dir=base_dir)
     assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "IA3"
     hf = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(base_dir), tmp_path)
-    torch.testing.assert_close(hf(input_ids=IDS).logits, model(IDS), rtol=1e-5, atol=1e-5)
+    assert_logits_close(hf(input_ids=IDS).logits, model(IDS), ARGS)
 
 
 # --- config checks -----------------------------------------------------------------------------------------

@@ -145,7 +145,16 @@ def init_parallel(parallel_cfg, device_type: str = "cpu") -> ParallelContext:
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout,
                                 store=_restart_store(world, timeout))
     mesh = init_device_mesh(device.type, (pp, dp, tp), mesh_dim_names=MESH_DIMS)
+    _bound_mesh_groups(mesh, datetime.timedelta(seconds=parallel_cfg.timeout_s))
     return ParallelContext(parallel_cfg, rank, world, local_rank, dp, tp, pp, device, mesh, owns)
+
+
+def _bound_mesh_groups(mesh: DeviceMesh, timeout: datetime.timedelta) -> None:
+    """Give the mesh's sub-groups the job's timeout: they are created with the backend's default (30 minutes
+    on gloo), not the one given to ``init_process_group``."""
+    from torch.distributed.distributed_c10d import _set_pg_timeout  # the public API sets only the default group
+    for dim in MESH_DIMS:
+        _set_pg_timeout(timeout, mesh[dim].get_group())
 
 
 def _restart_store(world: int, timeout: datetime.timedelta):

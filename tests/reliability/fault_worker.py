@@ -8,6 +8,8 @@ Faults (STEP is 1-based, RANK the global rank; '*' = every rank):
   ``.tmp-step-N``, the trainer state is not);
 * ``sigterm:STEP:RANK`` — SIGTERM (preemption) in the middle of STEP (from the forward pass);
 * ``die:STEP:RANK`` — SIGKILL in the middle of STEP (from the forward pass);
+* ``stall:STEP:RANK`` — sleep for an hour in the middle of STEP (from the forward pass): a rank that hangs;
+* ``skip-eval:RANK`` — skip every evaluation: a rank that takes another branch than its peers;
 * ``record`` — write each step's loss and this process's RSS (MiB) as the rank result.
 
 Under torchrun, a restarted worker group (``--max-restarts``) runs without the faults.
@@ -17,6 +19,7 @@ from __future__ import annotations
 import os
 import signal
 import sys
+import time
 
 from collie.cli import main
 from collie.distributed.launch import write_rank_result
@@ -53,6 +56,14 @@ class SignalInStep(Callback):
         os.kill(os.getpid(), self.signum)
 
 
+class StallInStep(SignalInStep):
+    """Sleeps for an hour in the model's forward pass of step ``step``."""
+
+    def _fire(self, module, args):
+        self.handle.remove()
+        time.sleep(3600)
+
+
 class Record(Callback):
     def __init__(self):
         self.rows = []
@@ -83,10 +94,15 @@ def install(specs: list[str]) -> None:
         kind, *rest = spec.split(":")
         if kind == "record":
             callbacks.append(Record())
+        elif kind == "skip-eval":
+            if _mine(rest[0]):
+                Trainer.eval_fn = lambda self: {}
         elif _mine(rest[1]) and kind == "kill-in-save":
             kill_in_save(int(rest[0]))
         elif _mine(rest[1]) and kind in ("sigterm", "die"):
             callbacks.append(SignalInStep(int(rest[0]), signal.SIGTERM if kind == "sigterm" else signal.SIGKILL))
+        elif _mine(rest[1]) and kind == "stall":
+            callbacks.append(StallInStep(int(rest[0]), 0))
     original = Trainer.__init__
 
     def init(self, config, *args, **kwargs):

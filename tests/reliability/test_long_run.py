@@ -20,11 +20,17 @@ WARMUP = 50  # steps before RSS is taken as the baseline (allocator pools, first
 RSS_GROWTH_MIB = 20  # seen: +4 MiB over 250 steps, +5.6 MiB over 2950
 RUN = [f"train.max_steps={STEPS}", f"checkpoint.every_steps={STEPS // 6}", "checkpoint.keep_last=2",
        f"eval.every_steps={STEPS // 3}", "eval.max_batches=2", "train.log_every=1", "optim.lr=3e-3"]
-# fp32 summation order differs between one and two processes; the difference starts at ~1e-7 and, trained on,
-# compounds chaotically (seen: ≤ 2e-5 up to step 100, 25-step means ≤ 2.1% apart up to step 300; later the
-# tiny model starts memorizing its 4000 samples at a step that even padding changes — docs/reliability.md). So:
-# step by step early, 25-step means up to CURVE_STEPS, and after that both runs must keep learning.
-EXACT_STEPS, RTOL_EXACT, WINDOW, RTOL_WINDOW, CURVE_STEPS = 100, 1e-4, 25, 5e-2, 300
+# What the two runs owe each other. The dp=2 run sums each step's loss and gradients in another order than one
+# process, a difference of ~1e-7 relative at step 1 (the rounding of fp32 sums) that training compounds: seen
+# ≤ 1.2e-7 up to step 10, ≤ 6e-6 up to step 100, then growing ~e-fold every 10 steps until the two runs are two
+# different trainings on the same data (window means up to 6% apart by step 200, docs/reliability.md).
+# - The first EXACT_STEPS must agree to RTOL_EXACT: one rounding step of the reduction, with 8× margin.
+# - Up to DRIFT_STEPS (through the checkpoints and the evaluation at steps 50 and 100) every step stays within
+#   RTOL_DRIFT: 170× what was seen, so a slightly faster drift on another CPU passes while a step that goes
+#   wrong (a bad resume of the data position, an evaluation that leaves the model changed) does not.
+# - After that only statistics are guaranteed: both runs keep learning (the late mean is well below the mean
+#   of steps 26–50) and end at the same level (late means within RTOL_LATE; seen 4%).
+EXACT_STEPS, RTOL_EXACT, DRIFT_STEPS, RTOL_DRIFT, LATE_STEPS, RTOL_LATE = 10, 1e-6, 100, 1e-3, 100, 0.15
 
 
 def test_long_two_rank_run_has_flat_memory_and_the_one_process_losses(tmp_path):
@@ -33,25 +39,26 @@ def test_long_two_rank_run_has_flat_memory_and_the_one_process_losses(tmp_path):
                                                    dp=2), timeout_s=1800 if LONG else 300)
     expected, got = losses_by_step(tmp_path / "one"), losses_by_step(tmp_path / "two")
     assert sorted(got) == sorted(expected) == list(range(1, STEPS + 1))
-    early = max(abs(got[s] - expected[s]) / expected[s] for s in range(1, EXACT_STEPS + 1))
-    assert early < RTOL_EXACT, early
-    windows = [(window_mean(got, s), window_mean(expected, s)) for s in range(1, CURVE_STEPS + 1, WINDOW)]
-    curve = max(abs(a - b) / b for a, b in windows)
-    assert curve < RTOL_WINDOW, curve
-    late = [window_mean(losses, STEPS - 4 * WINDOW + 1, 4 * WINDOW) for losses in (got, expected)]
-    if STEPS > CURVE_STEPS:
-        assert all(value < window_mean(expected, CURVE_STEPS - 4 * WINDOW + 1, 4 * WINDOW) for value in late), late
+    deviation = {s: abs(got[s] - expected[s]) / expected[s] for s in expected}
+    exact = max(deviation[s] for s in range(1, EXACT_STEPS + 1))
+    assert exact < RTOL_EXACT, exact
+    drift = max(deviation[s] for s in range(1, DRIFT_STEPS + 1))
+    assert drift < RTOL_DRIFT, drift
+    early = [window_mean(losses, 26, 25) for losses in (got, expected)]
+    late = [window_mean(losses, STEPS - LATE_STEPS + 1, LATE_STEPS) for losses in (got, expected)]
+    assert all(end < 0.9 * start for end, start in zip(late, early)), (early, late)
+    assert abs(late[0] - late[1]) / late[1] < RTOL_LATE, late
     growth = [rows[-1]["rss_mib"] - rows[WARMUP - 1]["rss_mib"] for rows in ranks]
     assert max(growth) < RSS_GROWTH_MIB, growth
     assert sorted(os.listdir(tmp_path / "two" / "checkpoints")) == [f"step-{STEPS - STEPS // 6:08d}",
                                                                     f"step-{STEPS:08d}"]
-    figures = {"steps": STEPS, "max_rel_dev_first_steps": early, "max_rel_dev_window_means": curve,
+    figures = {"steps": STEPS, "max_rel_dev_first_10": exact, "max_rel_dev_first_100": drift,
                "rss_after_warmup_mib": [r[WARMUP - 1]["rss_mib"] for r in ranks],
                "rss_end_mib": [r[-1]["rss_mib"] for r in ranks], "rss_growth_mib": growth,
-               "last_100_mean_two_one": late}
+               "late_mean_two_one": late}
     print("long-run figures:", json.dumps(figures))
 
 
-def window_mean(losses: dict, start: int, size: int = WINDOW) -> float:
+def window_mean(losses: dict, start: int, size: int) -> float:
     values = [losses[s] for s in range(start, min(start + size, STEPS + 1))]
     return sum(values) / len(values)

@@ -1,0 +1,167 @@
+"""The engine: one rank's model and optimizer behind the methods every backend offers. The Trainer, the
+checkpoint code, the evaluators, ``collie bench`` and the tests drive a model only through them, so none of them
+asks what kind of model it holds::
+
+    engine = build_engine(cfg, ctx, model_args)          # collie.engine.factory
+    engine.begin_step(len(micro_batches))
+    loss = sum(engine.forward_backward(mb, denominator, last=i == n - 1) for i, mb in enumerate(micro_batches))
+    result = engine.optimizer_step(ctx.dp_sum(loss))     # StepResult(finite, grad_norm, partial)
+    engine.loss_sum(batch); engine.generation_model()    # evaluation
+    engine.state_dict(); engine.export(path, args)       # checkpoints (DCP), Hugging Face directories
+
+``Engine`` itself runs a model that is called directly: one process, or tensor and data parallel (DDP, FSDP2
+ZeRO) without pipeline stages. ``PipelineEngine`` and ``DeepSpeedEngine`` override what differs; how gradients
+become updates (classic ``step()`` or LOMO/AdaLomo inside backward) is the ``update`` strategy it is given.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from collie.builders import compute_dtype
+from collie.data.pretrain import document_causal_mask
+from collie.distributed import barrier, full_logits, gather_full_state_dict, vocab_parallel_loss_sum
+from collie.distributed.data_parallel import set_gradient_sync
+from collie.engine import state as named_state
+from collie.engine.updates import StepResult
+from collie.loss import chunked_lm_loss_sum
+from collie.optim import refresh_hessian, sophia_refresh_due
+
+
+class Engine:
+    """One process, or tp/dp/ZeRO without pipeline stages. ``parts``: the modules this rank holds (the model,
+    or its pipeline stages); ``update``: a ``ClassicUpdate`` or ``FusedUpdate`` over ``optimizer``."""
+
+    def __init__(self, cfg, ctx, model, parts: list, optimizer, update):
+        self.cfg, self.ctx, self.model, self.parts = cfg, ctx, model, list(parts)
+        self.optimizer, self.update = optimizer, update
+        self.compute_dtype = compute_dtype(cfg)
+
+    # --- what this rank holds --------------------------------------------------------------------------------
+    def parameters(self) -> list:
+        """Each parameter of this rank's parts once."""
+        return list(dict.fromkeys(p for part in self.parts for p in part.parameters()))
+
+    def train(self, mode: bool = True) -> None:
+        self.model.train(mode)
+
+    def eval(self) -> None:
+        self.train(False)
+
+    def autocast(self):
+        dtype = self.compute_dtype
+        return contextlib.nullcontext() if dtype is None else torch.autocast(self.ctx.device.type, dtype=dtype)
+
+    # --- a training step -------------------------------------------------------------------------------------
+    def begin_step(self, num_micro_batches: int) -> None:
+        self.update.begin(num_micro_batches)
+
+    def forward_backward(self, batch: dict, denominator: torch.Tensor, last: bool) -> torch.Tensor:
+        """Forward and backward of one micro-batch whose summed token loss is divided by ``denominator`` (the
+        token count of the whole step, all micro-batches and dp ranks); returns that normalised loss."""
+        set_gradient_sync(self.parts, last)  # reduce gradients once per step, not per micro-batch
+        loss = self.training_loss_sum(batch) / denominator
+        self.update.backward(loss)
+        return loss.detach()
+
+    def optimizer_step(self, loss: torch.Tensor) -> StepResult:
+        """End the step (``loss``: the step's global loss, to tell a non-finite step)."""
+        return self.update.step(loss, self.parameters())
+
+    def refresh_hessian(self, batch: dict, steps_done: int) -> None:
+        """Sophia's Hessian estimate, refreshed every ``update_every`` steps from a sampled-label backward."""
+        if sophia_refresh_due(self.optimizer, steps_done):
+            refresh_hessian(self.optimizer, self.model, batch, lambda b: full_logits(self.forward(b)))
+
+    # --- forward and losses ----------------------------------------------------------------------------------
+    def forward(self, batch: dict) -> torch.Tensor:
+        """Logits of a batch (vocab-sharded under tensor parallelism)."""
+        with self.autocast():
+            return self.model(batch["input_ids"], position_ids=batch.get("position_ids"),
+                              attention_mask=self.attention_mask(batch))
+
+    def attention_mask(self, batch: dict) -> torch.Tensor:
+        """The padding mask, or with ``data.document_masking`` a (batch, 1, seq, seq) per-document mask."""
+        if not self.cfg.data.document_masking:
+            return batch["attention_mask"]
+        return document_causal_mask(batch["position_ids"]) & batch["attention_mask"].bool()[:, None, None, :]
+
+    def loss_sum(self, batch: dict) -> torch.Tensor:
+        """Summed token loss of a batch, without backward (evaluation); the vocab-parallel loss never gathers
+        full-vocabulary logits."""
+        return vocab_parallel_loss_sum(self.forward(batch), batch["labels"])
+
+    def training_loss_sum(self, batch: dict) -> torch.Tensor:
+        """Summed token loss to backpropagate: the vocab-parallel loss, or with ``train.loss_chunk_size`` the LM
+        head and loss chunk by chunk (the model runs without its head, which then takes the hidden states)."""
+        chunk = self.cfg.train.loss_chunk_size
+        if not chunk:
+            return self.loss_sum(batch)
+        head, self.model.lm_head = self.model.lm_head, None
+        try:
+            hidden = self.forward(batch)
+        finally:
+            self.model.lm_head = head
+        with self.autocast():
+            return chunked_lm_loss_sum(head, hidden, batch["labels"], chunk)
+
+    def generation_model(self):
+        """What generation calls: ``(ids, position_ids=, attention_mask=[, cache=]) -> logits`` (the whole
+        tp/dp-wrapped model, which takes a KV cache), and the multiple to pad inputs to (tp under sequence
+        parallelism, which splits the sequence evenly; 1 otherwise)."""
+        return self.parts[0], self.sequence_multiple
+
+    @property
+    def sequence_multiple(self) -> int:
+        return self.ctx.tp if self.cfg.parallel.sequence_parallel else 1
+
+    # --- checkpoints and export ------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        """This rank's tensors for DCP, by parameter name: ``{"model": …, "optim": …}``."""
+        optim_tensors, _ = named_state.optimizer_state(self.parts, self.optimizer)
+        return {"model": named_state.model_state(self.parts), "optim": optim_tensors}
+
+    def extra_state(self) -> dict:
+        """The JSON part of a checkpoint: optimizer settings and scalars, the loss scaler."""
+        return {"optimizer": named_state.optimizer_state(self.parts, self.optimizer)[1],
+                "loss_scaler": self.update.state_dict()}
+
+    def prepare_load(self) -> None:
+        """Create lazily-built optimizer state, so that ``state_dict()`` has every tensor to load into."""
+        named_state.init_optimizer_state(self.optimizer)
+
+    def load_state_dict(self, tensors: dict, extra: dict) -> None:
+        """Restore from ``tensors`` (``state_dict()``'s structure, filled in place by DCP) and ``extra``."""
+        named_state.load_model_state(self.parts, tensors["model"])
+        named_state.load_optimizer_extras(self.parts, self.optimizer, extra["optimizer"])
+        self.update.load_state_dict(extra.get("loss_scaler") or {})
+
+    def save_files(self, directory: str) -> None:
+        """Files an engine writes itself into a checkpoint directory (DeepSpeed's); none here."""
+
+    def load_files(self, directory: str) -> None:
+        """Read what ``save_files`` wrote."""
+
+    def full_state_dict(self) -> dict:
+        """The whole model's state dict (CPU tensors, Hugging Face names) on global rank 0, {} elsewhere. A
+        collective: every rank calls."""
+        if self.ctx.world_size == 1:
+            return {k: v.detach().cpu() for k, v in self.model.state_dict().items()}
+        return gather_full_state_dict(self.model)
+
+    def export(self, path: str, model_args) -> str | None:
+        """Write the trained model from any layout (a Hugging Face directory, or a peft adapter under PEFT; see
+        ``collie.peft.save_trained``): shards are gathered to global rank 0, which writes. Every rank calls."""
+        from collie.models import build_model as build_arch
+        from collie.peft import apply_peft, save_trained
+        pretrained = self.cfg.model.pretrained
+        if self.ctx.world_size == 1:
+            return save_trained(self.model, path, pretrained)
+        state, written = self.full_state_dict(), None
+        if self.ctx.is_main_process:
+            full = apply_peft(build_arch(model_args, device="meta"), self.cfg.peft, self.cfg.train.seed,
+                              self.ctx.world_size)
+            written = save_trained(full, path, pretrained, state)
+        barrier()
+        return written
