@@ -48,7 +48,9 @@ def cmd_generate(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from collie import __version__
     parser = argparse.ArgumentParser(prog="collie", description="Train LLMs with 3D parallelism.")
+    parser.add_argument("--version", action="version", version=f"collie {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train from a YAML config")
     train.add_argument("config", help="YAML job config, e.g. configs/quickstart.yaml")
@@ -83,7 +85,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> int:
-    argv = sys.argv[1:] if argv is None else list(argv)
+    return quiet_on_broken_pipe(_dispatch, sys.argv[1:] if argv is None else list(argv))
+
+
+def quiet_on_broken_pipe(run, *args) -> int:
+    """``run(*args)``; when the reader of our stdout has gone (``collie estimate … | head -5``), exit with 1
+    and no traceback, as Python's documentation advises for command-line tools."""
+    try:
+        code = run(*args)
+        sys.stdout.flush()  # a closed pipe shows up here rather than in the interpreter's final flush
+        return code
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # silence that final flush
+        return 1
+
+
+def _dispatch(argv: list[str]) -> int:
     if argv[:1] == ["estimate"]:  # its own parser: see collie/estimate/cli.py
         from collie.estimate.cli import estimate_main
         return estimate_main(argv[1:])

@@ -121,7 +121,8 @@ def load_tokenizer(path: str | os.PathLike) -> HFTokenizer | SentencePieceTokeni
     holding only ``tokenizer.model``. Never downloads: a hub name that is not a local path is an error."""
     path = Path(path)
     if not path.exists():
-        raise DataError(f"tokenizer '{path}' does not exist; expected {EXPECTED}")
+        from collie.models.hf_io import local_path_hint
+        raise DataError(f"tokenizer '{path}' does not exist; expected {EXPECTED}; {local_path_hint(path)}")
     if path.is_file():
         if path.suffix != ".model":
             raise DataError(f"tokenizer '{path}' is a file but not a sentencepiece .model; expected {EXPECTED}")

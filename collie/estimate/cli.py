@@ -19,42 +19,72 @@ from collie.estimate.memory import ALLOCATOR_OVERHEAD, RUNTIME_OVERHEAD_GIB, Mem
 from collie.estimate.plan import PlanRow, plan
 from collie.estimate.setup import Setup
 
-# flag → Setup field (flags default to None so that only given ones override a config)
-FLAG_FIELDS = {"dp": "dp", "tp": "tp", "pp": "pp", "zero": "zero_stage", "cpu_offload": "cpu_offload",
-               "sp": "sequence_parallel", "schedule": "pp_schedule", "microbatches": "pp_microbatches",
-               "optimizer": "optimizer", "clip_grad_norm": "clip_grad_norm", "master_weights": "master_weights",
-               "peft": "peft", "lora_r": "lora_r", "dtype": "param_dtype", "precision": "precision",
-               "ckpt": "activation_checkpointing", "mbs": "micro_batch_size", "seq": "seq_len",
-               "grad_accum": "grad_accum_steps"}
+# --flag: (Setup field, type, help). Flags default to None so that only the given ones override a config.
+FLAGS = {
+    "dp": ("dp", int, "data-parallel degree (parallel.dp)"),
+    "tp": ("tp", int, "tensor-parallel degree (parallel.tp)"),
+    "pp": ("pp", int, "pipeline-parallel degree (parallel.pp)"),
+    "zero": ("zero_stage", int, "ZeRO stage 0-3 (parallel.zero_stage)"),
+    "cpu_offload": ("cpu_offload", bool, "offload parameters, gradients and optimizer state to the host "
+                                         "(ZeRO 2/3; parallel.cpu_offload)"),
+    "sp": ("sequence_parallel", bool, "sequence parallelism with tp (parallel.sequence_parallel)"),
+    "schedule": ("pp_schedule", str, "pipeline schedule: gpipe, 1f1b or interleaved_1f1b (parallel.pp_schedule)"),
+    "microbatches": ("pp_microbatches", int, "pipeline micro-batches per forward (parallel.pp_microbatches; "
+                                             "default 2·pp)"),
+    "optimizer": ("optimizer", str, "adamw, lion, adan, sophia, lomo or adalomo (optim.name)"),
+    "clip_grad_norm": ("clip_grad_norm", float, "gradient clipping norm; > 0 adds a norm pass to LOMO/AdaLomo "
+                                                "(optim.clip_grad_norm)"),
+    "master_weights": ("master_weights", bool, "fp32 master weights and fp32 optimizer state for 16-bit "
+                                               "parameters (the DeepSpeed engine's recipe)"),
+    "peft": ("peft", str, "none or lora (peft.method)"),
+    "lora_r": ("lora_r", int, "LoRA rank (peft.r)"),
+    "dtype": ("param_dtype", str, "parameter dtype: float32, bfloat16 or float16 (model.dtype)"),
+    "precision": ("precision", str, "compute precision: fp32, bf16 or fp16 autocast (train.precision)"),
+    "ckpt": ("activation_checkpointing", str, "activation checkpointing: none, full, selective or attention "
+                                              "(model.activation_checkpointing)"),
+    "mbs": ("micro_batch_size", int, "sequences per forward per data-parallel rank (train.micro_batch_size)"),
+    "seq": ("seq_len", int, "tokens per sequence (data.seq_len)"),
+    "grad_accum": ("grad_accum_steps", int, "micro-batches accumulated per optimizer step "
+                                            "(train.grad_accum_steps)"),
+}
+FLAG_FIELDS = {flag: field for flag, (field, _, _) in FLAGS.items()}
+METAVARS = {int: "N", float: "X", str: "NAME"}
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="collie estimate", description="Estimate per-GPU memory and "
-                                     "communication of a training job, or plan layouts that fit.")
+                                     "communication of a training job, or plan layouts that fit. The layout "
+                                     "and recipe flags override the job config (after its dotted overrides).")
     parser.add_argument("config", nargs="?", help="job config (YAML), as for collie train")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=2")
-    parser.add_argument("--card", help="model card name or YAML path (instead of a job config)")
-    parser.add_argument("--gpus", type=int, help="GPUs of the job (resolves parallel.dp=-1; the plan's total)")
-    parser.add_argument("--gpu-mem", type=float, default=80.0, help="GPU memory in GiB (default 80)")
+    parser.add_argument("--card", metavar="NAME", help="model card name or YAML path (instead of a job config)")
+    parser.add_argument("--gpus", type=int, metavar="N", help="GPUs of the job (resolves parallel.dp=-1; the plan's total)")
+    parser.add_argument("--gpu-mem", type=float, default=80.0, metavar="GIB", help="GPU memory in GiB that decides 'fits' "
+                                                                    "(default 80)")
     parser.add_argument("--plan", action="store_true", help="list the layouts of --gpus GPUs that fit")
-    parser.add_argument("--global-batch", type=int, help="plan: sequences per optimizer step (default 4/GPU)")
+    parser.add_argument("--global-batch", type=int, metavar="N", help="plan: sequences per optimizer step (default 4/GPU)")
     parser.add_argument("--all", action="store_true", help="plan: every fitting candidate, not the best per "
                                                            "dp×tp×pp")
     parser.add_argument("--offload", action="store_true", help="plan: also consider CPU offload")
     parser.add_argument("--json", action="store_true", help="print JSON instead of tables")
-    for flag in ("dp", "tp", "pp", "zero", "microbatches", "lora_r", "mbs", "seq", "grad_accum"):
-        parser.add_argument(f"--{flag.replace('_', '-')}", dest=flag, type=int)
-    parser.add_argument("--clip-grad-norm", dest="clip_grad_norm", type=float)
-    for flag in ("schedule", "optimizer", "peft", "dtype", "precision", "ckpt"):
-        parser.add_argument(f"--{flag}", dest=flag)
-    for flag in ("cpu_offload", "sp", "master_weights"):
-        parser.add_argument(f"--{flag.replace('_', '-')}", dest=flag, action="store_const", const=True)
+    layout = parser.add_argument_group("layout and recipe (override the job config)")
+    for flag, (_, kind, text) in FLAGS.items():
+        name = f"--{flag.replace('_', '-')}"
+        if kind is bool:
+            layout.add_argument(name, dest=flag, action="store_const", const=True, help=text)
+        else:
+            layout.add_argument(name, dest=flag, type=kind, help=text, metavar=METAVARS[kind])
     return parser
 
 
 def estimate_main(argv=None) -> int:
-    """Entry point of ``collie estimate`` (returns the exit code)."""
-    options = build_parser().parse_args(argv)
+    """Entry point of ``collie estimate`` and ``python -m collie.estimate`` (returns the exit code)."""
+    from collie.cli import quiet_on_broken_pipe
+    return quiet_on_broken_pipe(_estimate, argv)
+
+
+def _estimate(argv) -> int:
+    options = build_parser().parse_intermixed_args(argv)  # flags and overrides in any order
     try:
         args, setup, label = _job(options)
         if options.plan:

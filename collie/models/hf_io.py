@@ -41,12 +41,25 @@ _SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB
 def read_hf_config(path) -> dict:
     """The parsed ``config.json`` of a model directory."""
     file = Path(path) / CONFIG_NAME
+    if not Path(path).exists():
+        raise ConfigError(f"model directory '{path}' does not exist; {local_path_hint(path)}")
     if not file.is_file():
         raise CheckpointError(f"{file} not found: a Hugging Face model directory must contain {CONFIG_NAME}")
     try:
         return json.loads(file.read_text())
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{file} is not valid JSON: {e}") from e
+
+
+def local_path_hint(path) -> str:
+    """What to tell a user whose model or tokenizer path does not exist: where a relative path was looked
+    for, and that a hub name (``meta-llama/Llama-2-7b``) is not a path."""
+    text = str(path)
+    where = "" if os.path.isabs(text) else f"relative paths resolve against the current directory {os.getcwd()}; "
+    if re.fullmatch(r"[\w-][\w.-]*/[\w.-]+", text):
+        return (f"{where}'{text}' looks like a hub name, and collie never downloads: download it yourself (e.g. "
+                f"`huggingface-cli download {text} --local-dir DIR`) and pass the local directory")
+    return f"{where}collie reads local files only and never downloads from a hub"
 
 
 def _class_and_args(path, overrides: dict | None = None):
