@@ -7,7 +7,8 @@ another run's checkpoints unless ``train.overwrite=true`` (then those checkpoint
 The lock file names its holder (host, pid, process start time). It is created atomically with its content
 (written aside, then hard-linked into place), so a reader never sees it half written. A lock whose holder ran
 on this host and is gone (no such pid, a zombie, or the pid reused by a process started later) is stale and
-taken over; a holder on another host cannot be checked, so its lock stands until deleted by hand.
+taken over, as is the lock of an earlier incarnation of the same torchrun job (``--max-restarts``); a holder on
+another host cannot be checked, so its lock stands until deleted by hand.
 """
 from __future__ import annotations
 
@@ -59,7 +60,7 @@ class OutputDirLock:
     def __init__(self, output_dir: str):
         self.path = os.path.join(output_dir, LOCK_FILE)
         self.me = {"host": socket.gethostname(), "pid": os.getpid(), "start_ticks": _start_ticks(os.getpid()),
-                   "since": time.strftime("%Y-%m-%d %H:%M:%S")}
+                   "since": time.strftime("%Y-%m-%d %H:%M:%S"), "job": os.environ.get("TORCHELASTIC_RUN_ID")}
 
     def acquire(self) -> "OutputDirLock":
         for _ in range(3):  # a stale lock removed, then retried; a racing run may take it first
@@ -120,6 +121,8 @@ class OutputDirLock:
         pid = holder.get("pid")
         if not holder or not isinstance(pid, int):
             return True
+        if self.me["job"] is not None and holder.get("job") == self.me["job"]:
+            return True  # an earlier incarnation of this torchrun job, restarted (maybe on another host)
         return holder.get("host") == self.me["host"] and not _alive(pid, holder.get("start_ticks"))
 
 
