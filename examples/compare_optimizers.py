@@ -10,12 +10,14 @@ steps, the fused LOMO/AdaLomo larger ones); override one with e.g. ``--lr lion=1
 """
 import argparse
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import collie
 
+DOTTED_OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)+=")  # section.key=value, not --lr name=lr
 LEARNING_RATES = {"adamw": 2e-3, "lion": 3e-4, "adan": 2e-3, "sophia": 3e-4, "lomo": 3e-2, "adalomo": 3e-2}
 
 
@@ -49,14 +51,24 @@ def plot(runs: dict[str, list[dict]], out: Path) -> None:
     fig.savefig(out, dpi=120)
 
 
-def main(argv: list[str]) -> int:
+def parse_args(argv: list[str]) -> argparse.Namespace:
+    """Options and dotted overrides in any order: every ``section.key=value`` word is an override, wherever it
+    stands (``--optimizers adamw lomo train.max_steps=50`` and ``--nproc 4 parallel.tp=2 --optimizers …``)."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config")
+    parser.add_argument("config", help="the job config, e.g. configs/sft_optimizers.yaml")
     parser.add_argument("overrides", nargs="*", help="dotted overrides for every run, e.g. train.max_steps=50")
-    parser.add_argument("--optimizers", nargs="+", default=list(LEARNING_RATES), choices=list(LEARNING_RATES))
+    parser.add_argument("--optimizers", nargs="+", default=list(LEARNING_RATES), choices=list(LEARNING_RATES),
+                        help="the optimizers to compare (default: all)")
     parser.add_argument("--lr", nargs="+", default=[], metavar="NAME=LR", help="learning rate of one optimizer")
     parser.add_argument("--nproc", type=int, default=1, help="processes per run (torchrun)")
-    args = parser.parse_args(argv)
+    overrides = [word for word in argv if DOTTED_OVERRIDE.match(word)]
+    args = parser.parse_args([word for word in argv if not DOTTED_OVERRIDE.match(word)])
+    args.overrides = overrides
+    return args
+
+
+def main(argv: list[str]) -> int:
+    args = parse_args(argv)
     rates = {**LEARNING_RATES, **{k: float(v) for k, v in (item.split("=") for item in args.lr)}}
     output_dir = Path(collie.CollieConfig.load(args.config, args.overrides).train.output_dir)
     runs = {}

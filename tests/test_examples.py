@@ -18,11 +18,15 @@ def in_repo_root(monkeypatch):
     monkeypatch.chdir(ROOT)  # the configs name data/… relative to the repository root
 
 
-def run_example(name: str, *argv: str) -> int:
+def load_example(name: str):
     spec = importlib.util.spec_from_file_location(f"example_{name}", ROOT / "examples" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module.main([str(a) for a in argv])
+    return module
+
+
+def run_example(name: str, *argv: str) -> int:
+    return load_example(name).main([str(a) for a in argv])
 
 
 def logged_losses(output_dir: Path) -> list[float]:
@@ -58,6 +62,16 @@ def test_custom_model_is_registered_trained_and_reloaded(tmp_path, capsys):
     config = json.loads((out / "final" / "config.json").read_text())
     assert config["architectures"] == ["LlamaQKNormForCausalLM"]
     assert (out / "config.yaml").read_text().count("architecture: llama-qknorm") == 1
+
+
+@pytest.mark.parametrize("argv", [
+    ["c.yaml", "--nproc", "4", "parallel.tp=2", "--optimizers", "adamw", "lomo"],  # docs/guide.md
+    ["c.yaml", "--optimizers", "adamw", "lomo", "parallel.tp=2", "--nproc", "4"],  # configs/sft_optimizers.yaml
+    ["c.yaml", "parallel.tp=2", "--lr", "lomo=1e-2", "--nproc", "4", "--optimizers", "adamw", "lomo"]])
+def test_compare_optimizers_takes_options_and_overrides_in_any_order(argv):
+    args = load_example("compare_optimizers").parse_args(argv)
+    assert (args.config, args.overrides, args.optimizers, args.nproc) == ("c.yaml", ["parallel.tp=2"],
+                                                                         ["adamw", "lomo"], 4)
 
 
 def test_compare_optimizers_plots_every_run(tmp_path, capsys):
