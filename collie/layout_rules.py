@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collie.errors import ConfigError
 
-FULL_LOGIT_PEFT = ("none", "lora")  # peft methods that keep collie's own model (the others run transformers)
+COLLIE_MODEL_PEFT = ("none", "lora")  # peft methods that keep collie's own model (the others run transformers)
 
 
 # --- degrees and world size --------------------------------------------------------------------------------
@@ -96,7 +96,7 @@ def check_loss_chunk(loss_chunk_size: int, dp: int, tp: int, pp: int, peft: str)
         raise ConfigError("train.loss_chunk_size runs in one process (parallel.dp=tp=pp=1): under tensor "
                           "parallelism the vocab-parallel loss already avoids full logits, and sharded or "
                           "replicated heads need their gradient hooks; set train.loss_chunk_size=0")
-    if loss_chunk_size and peft not in FULL_LOGIT_PEFT:
+    if loss_chunk_size and peft not in COLLIE_MODEL_PEFT:
         raise ConfigError(f"train.loss_chunk_size needs collie's own LM head; peft.method={peft} runs a "
                           f"transformers model: set train.loss_chunk_size=0")
 
@@ -152,7 +152,7 @@ def check_deepspeed(engine: str, tp: int, pp: int, optimizer: str, clip_grad_val
     if clip_grad_value:
         raise ConfigError("optim.clip_grad_value is not applied by DeepSpeed (it clips by norm only); set it to 0 "
                           "or use parallel.engine=native")
-    if peft not in FULL_LOGIT_PEFT:
+    if peft not in COLLIE_MODEL_PEFT:
         raise ConfigError(f"peft.method={peft} runs in one process; with parallel.engine=deepspeed "
                           f"use peft.method=none or lora")
 
