@@ -226,3 +226,19 @@ def test_chunked_loss_sum_equals_the_full_loss_and_its_gradient():
     torch.testing.assert_close(chunked, full)
     for a, b in zip(chunked_grads, full_grads):
         torch.testing.assert_close(a, b)
+
+
+def test_final_directory_holds_the_hugging_face_tokenizer(tmp_path):
+    """A run on a Hugging Face tokenizer exports it with the model: final/ loads in AutoTokenizer and in
+    ``collie generate`` without naming the tokenizer."""
+    from transformers import AutoTokenizer
+
+    from collie.cli import main
+    from test_tokenizer import save_hf_tokenizer
+    source = save_hf_tokenizer(tmp_path / "tokenizer")
+    Trainer(config(tmp_path / "run", "train.max_steps=1", "checkpoint.save_final=true", "eval.before_training=false",
+                   f"data.tokenizer={source}")).fit()
+    final = tmp_path / "run" / "final"
+    text = "Question 3: what comes after 111?"
+    assert AutoTokenizer.from_pretrained(final).encode(text) == AutoTokenizer.from_pretrained(source).encode(text)
+    assert main(["generate", str(final), "--prompt", text, "--max-new-tokens", "2"]) == 0

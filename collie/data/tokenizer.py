@@ -53,6 +53,10 @@ class HFTokenizer:
     def chat_template(self) -> str | None:
         return getattr(self.hf, "chat_template", None)
 
+    def save_pretrained(self, directory: str | os.PathLike) -> None:
+        """The tokenizer files, as ``AutoTokenizer.from_pretrained(directory)`` and ``load_tokenizer`` read them."""
+        self.hf.save_pretrained(directory)
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = False,
                             chat_template: str | None = None) -> str:
         if not (chat_template or self.chat_template):

@@ -24,8 +24,9 @@ from collie.data.loader import BatchStream
 from collie.distributed import barrier, init_parallel
 from collie.distributed.watchdog import NoWatchdog, start_watchdog
 from collie.engine import build_engine
-from collie.errors import CollieError, ConfigError
+from collie.errors import CollieError
 from collie.evaluation import evaluators
+from collie.layout_rules import check_loss_chunk
 from collie.log import setup_logging
 from collie.loss import IGNORE_INDEX, count_loss_tokens
 from collie.monitor import Monitor, ProgressBar
@@ -53,9 +54,8 @@ class Trainer:
         self.cfg = config
         self.ctx = init_parallel(config.parallel, builders.resolve_device(config.train.device).type)
         self.device, self.rank, self.world_size = self.ctx.device, self.ctx.rank, self.ctx.world_size
-        if config.train.loss_chunk_size and self.world_size > 1:  # parallel.dp=-1 resolves only here
-            raise ConfigError(f"train.loss_chunk_size runs in one process; this job has {self.world_size}: set "
-                              f"train.loss_chunk_size=0")
+        # parallel.dp=-1 resolves only here
+        check_loss_chunk(config.train.loss_chunk_size, self.ctx.dp, self.ctx.tp, self.ctx.pp, config.peft.method)
         self.output_dir = config.train.output_dir
         if self.is_main_process:
             self.output_lock = claim_output_dir(config)  # one run per directory (collie/checkpoint/lock.py)
