@@ -80,7 +80,7 @@ class Trainer:
         self.callbacks = CallbackList([ProgressBar(), Monitor(), *callbacks])
         self.checkpointer = CheckpointManager(os.path.join(self.output_dir, "checkpoints"),
                                                    config.checkpoint.keep_last)
-        self._stop_requested = False
+        self._stop_requested = 0  # the number of the signal that asked to stop
         self.watchdog = NoWatchdog()  # fit() starts the real one
         ckpt.resume_trainer(self)
 
@@ -190,8 +190,7 @@ class Trainer:
                 self._train_step()
                 stop = self._stop_agreed()
             if stop:
-                logger.warning("stop requested (SIGTERM/SIGINT): saving a checkpoint at step %d and stopping",
-                               self.state.step)
+                logger.warning("%s received: saving a checkpoint at step %d and stopping", stop, self.state.step)
                 self.save_checkpoint()
                 return
             if self._due(cfg.eval.every_steps) and self.has_evaluation:
@@ -228,16 +227,18 @@ class Trainer:
         return bool(every) and self.state.step % every == 0 and self.state.step < self.cfg.train.max_steps
 
     def _request_stop(self, signum, frame):
-        self._stop_requested = True
+        if signum == signal.SIGINT and self._stop_requested:
+            raise KeyboardInterrupt  # Ctrl-C twice: stop at once, without the checkpoint
+        self._stop_requested = signum
         if signum == signal.SIGINT:
-            logger.warning("Ctrl-C: stopping after this step with a checkpoint (press again to wait for it)")
+            logger.warning("Ctrl-C: saving a checkpoint after this step, then stopping (Ctrl-C again: stop now)")
 
-    def _stop_agreed(self) -> bool:
-        """Whether any rank received SIGTERM (all ranks must save the checkpoint together)."""
-        flag = torch.tensor(float(self._stop_requested), device=self.device)
+    def _stop_agreed(self) -> str:
+        """The signal (SIGTERM or SIGINT) any rank received, or "": all ranks save the checkpoint together."""
+        signum = torch.tensor(self._stop_requested, device=self.device)
         if self.world_size > 1:
-            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-        return bool(flag)
+            torch.distributed.all_reduce(signum, op=torch.distributed.ReduceOp.MAX)
+        return signal.Signals(int(signum)).name if signum else ""
 
     # --- one step --------------------------------------------------------------------------------------------
     def train_fn(self, micro_batches: list[dict]) -> dict:

@@ -7,6 +7,7 @@ Faults (STEP is 1-based, RANK the global rank; '*' = every rank):
 * ``kill-in-save:STEP:RANK`` — SIGKILL while the checkpoint of STEP is being written (tensor files are in
   ``.tmp-step-N``, the trainer state is not);
 * ``sigterm:STEP:RANK`` — SIGTERM (preemption) in the middle of STEP (from the forward pass);
+* ``sigint:STEP:RANK`` — SIGINT (Ctrl-C) in the middle of STEP;
 * ``die:STEP:RANK`` — SIGKILL in the middle of STEP (from the forward pass);
 * ``stall:STEP:RANK`` — sleep for an hour in the middle of STEP (from the forward pass): a rank that hangs;
 * ``skip-eval:RANK`` — skip every evaluation: a rank that takes another branch than its peers;
@@ -27,6 +28,7 @@ from collie.trainer import Callback, Trainer
 from collie.checkpoint import store as ckpt
 
 RANK = int(os.environ.get("RANK", "0"))
+SIGNALS = {"sigterm": signal.SIGTERM, "sigint": signal.SIGINT, "die": signal.SIGKILL}
 
 
 def _mine(rank: str) -> bool:
@@ -99,8 +101,8 @@ def install(specs: list[str]) -> None:
                 Trainer.eval_fn = lambda self: {}
         elif _mine(rest[1]) and kind == "kill-in-save":
             kill_in_save(int(rest[0]))
-        elif _mine(rest[1]) and kind in ("sigterm", "die"):
-            callbacks.append(SignalInStep(int(rest[0]), signal.SIGTERM if kind == "sigterm" else signal.SIGKILL))
+        elif _mine(rest[1]) and kind in SIGNALS:
+            callbacks.append(SignalInStep(int(rest[0]), SIGNALS[kind]))
         elif _mine(rest[1]) and kind == "stall":
             callbacks.append(StallInStep(int(rest[0]), 0))
     original = Trainer.__init__

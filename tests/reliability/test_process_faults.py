@@ -62,11 +62,12 @@ def test_kill_while_saving_keeps_the_previous_checkpoint(tmp_path, reference):
     assert_same_run(tmp_path, reference)
 
 
-def test_sigterm_finishes_the_step_saves_and_exits_zero(tmp_path, reference):
-    launch(tmp_path, "sigterm:3:1")  # run_distributed raises unless every rank exits 0
+@pytest.mark.parametrize("kind", ["sigterm", "sigint"])
+def test_sigterm_or_ctrl_c_finishes_the_step_saves_and_exits_zero(tmp_path, reference, kind):
+    launch(tmp_path, f"{kind}:3:1")  # run_distributed raises unless every rank exits 0
     assert [r["step"] for r in metric_rows(tmp_path) if "loss" in r] == [1, 2, 3]
     assert checkpoints(tmp_path) == ["step-00000002", "step-00000003"]
-    assert "SIGTERM received: saving a checkpoint at step 3" in (tmp_path / "train.log").read_text()
+    assert f"{kind.upper()} received: saving a checkpoint at step 3" in (tmp_path / "train.log").read_text()
     launch(tmp_path, extra=["checkpoint.resume=auto"])
     assert [r["step"] for r in metric_rows(tmp_path) if "loss" in r] == list(range(1, STEPS + 1))
     assert_same_run(tmp_path, reference)
