@@ -82,7 +82,7 @@ def test_template_choice_errors(tok, tmp_path):
     path = write_jsonl(tmp_path / "a.jsonl", [{"instruction": "hi", "output": "ok"}])
     with pytest.raises(ConfigError, match="has no chat template.*data.template: alpaca"):
         load_instruction_dataset(path, tok, 64, template="tokenizer")
-    with pytest.raises(ConfigError, match="did you mean 'chatml'.*alpaca, chatml, tokenizer"):
+    with pytest.raises(ConfigError, match="did you mean 'chatml'.*alpaca, chatml, internlm2, llama2, llama3, mistral, qwen2, tokenizer"):
         load_instruction_dataset(path, tok, 64, template="chatm")
 
 

@@ -6,88 +6,32 @@ Records (JSONL lines, or the elements of a JSON list) come in three formats, det
 * messages: ``{"messages": [{"role": "system" | "user" | "assistant", "content"}]}``
 * ShareGPT: ``{"conversations": [{"from": "system" | "human" | "gpt", "value"}]}``
 
-A template renders a conversation as segments ``(text, is_response)``; each segment is tokenized on its own,
-so the label mask is exactly the assistant spans (plus the EOS that ends each of them). ``data.template`` names a
-registered template (alpaca, chatml), ``tokenizer`` for the tokenizer's own chat template, or gives a Jinja chat
-template in the Hugging Face format: a ``.jinja`` file or the template text itself.
+A template (``collie.data.templates``) renders a conversation as segments ``(text, is_response)``; each segment
+is tokenized on its own, so the label mask is exactly the assistant spans (plus the EOS that ends each of them,
+unless the template's own end-of-turn marker does). ``data.template`` names a registered template (alpaca,
+chatml, llama2, llama3, mistral, qwen2, internlm2), ``tokenizer`` for the tokenizer's own chat template, or gives
+a Jinja chat template in the Hugging Face format: a ``.jinja`` file or the template text itself.
 """
 from __future__ import annotations
 
 import json
 import logging
+import re
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 
 import torch
 from torch.utils.data import Dataset
 
 from collie.data.collate import IGNORE_INDEX
-from collie.errors import ConfigError, DataError
-from collie.schema import suggest
+from collie.data.templates import (TEMPLATES, ChatTemplate, alpaca_template, chatml_template,  # noqa: F401
+                                   register_template, resolve_template)
+from collie.errors import DataError
 
 logger = logging.getLogger("collie")
 
-TEMPLATES = {}
-ALPACA_PREAMBLE = ("Below is an instruction that describes a task. "
-                   "Write a response that appropriately completes the request.")
 ROLES = {"system": "system", "user": "user", "assistant": "assistant", "human": "user", "gpt": "assistant"}
 ROLE_CHOICES = {"role": "system, user, assistant", "from": "system, human, gpt"}
-JINJA_SUFFIXES = (".jinja", ".jinja2", ".j2")
-
-
-def register_template(name: str):
-    """Register ``fn(messages, tokenizer) -> [(text, is_response), ...]`` as ``data.template: name``."""
-    def register(fn):
-        TEMPLATES[name] = fn
-        return fn
-    return register
-
-
-@register_template("alpaca")
-def alpaca_template(messages: list[dict], tokenizer) -> list[tuple[str, bool]]:
-    """Alpaca: a preamble (the system message, else Alpaca's), then ``### Instruction:`` / ``### Response:``."""
-    segments, prompt = [], "" if messages[0]["role"] == "system" else ALPACA_PREAMBLE + "\n\n"
-    for message in messages:
-        if message["role"] == "assistant":
-            segments += [(prompt + "### Response:\n", False), (message["content"], True)]
-            prompt = "\n\n"
-        elif message["role"] == "user":
-            prompt += f"### Instruction:\n{message['content']}\n\n"
-        else:
-            prompt += f"{message['content']}\n\n"
-    return segments
-
-
-@register_template("chatml")
-def chatml_template(messages: list[dict], tokenizer) -> list[tuple[str, bool]]:
-    """ChatML markers as plain text; an assistant turn ends with the tokenizer's EOS (where generation stops)."""
-    segments, prompt = [], ""
-    for message in messages:
-        if message["role"] == "assistant":
-            segments += [(prompt + "<|im_start|>assistant\n", False), (message["content"], True)]
-            prompt = "\n"
-        else:
-            prompt += f"<|im_start|>{message['role']}\n{message['content']}<|im_end|>\n"
-    return segments
-
-
-@register_template("tokenizer")
-def tokenizer_template(messages: list[dict], tokenizer, chat_template: str | None = None) -> list[tuple[str, bool]]:
-    """The tokenizer's chat template (or ``chat_template``); an assistant span is the text its turn adds."""
-    segments, rendered = [], ""
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        prompt = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True, chat_template=chat_template)
-        full = tokenizer.apply_chat_template(messages[:i + 1], chat_template=chat_template)
-        if not (prompt.startswith(rendered) and full.startswith(prompt)):
-            owner = "data.template" if chat_template else f"tokenizer '{_name(tokenizer)}'"
-            raise DataError(f"the chat template of {owner} does not render a conversation as a prefix of its "
-                            f"continuation, so assistant spans cannot be found; set data.template: alpaca")
-        segments += [(prompt[len(rendered):], False), (full[len(prompt):], True)]
-        rendered = full
-    return segments
 
 
 @dataclass
@@ -132,11 +76,12 @@ def load_instruction_dataset(files, tokenizer, seq_len: int, template: str = "al
     ``seq_len`` tokens whose ``position_ids`` restart at 0 at every conversation.
     """
     files = [files] if isinstance(files, (str, Path)) else list(files)
-    render = resolve_template(template, tokenizer)
+    chat = resolve_template(template, tokenizer)
     stats, samples = InstructionStats(), []
     for where, record in (item for path in files for item in read_records(path)):
         stats.records += 1
-        ids, labels = encode_conversation(render(record_to_messages(record, where), tokenizer), tokenizer)
+        ids, labels = encode_conversation(chat.segments(record_to_messages(record, where), tokenizer), tokenizer,
+                                          chat.eos_after_response)
         responses = count_spans(labels)
         ids, labels, status = truncate(ids, labels, seq_len, tokenizer.bos_token_id, min_prompt_tokens)
         if status == "skipped":
@@ -158,28 +103,6 @@ def load_instruction_dataset(files, tokenizer, seq_len: int, template: str = "al
     return InstructionDataset(samples), stats
 
 
-def resolve_template(name: str, tokenizer):
-    """The render function for ``data.template``: a registered name, or a Jinja chat template (file or text)."""
-    if name.endswith(JINJA_SUFFIXES) or "{{" in name or "{%" in name:
-        return partial(tokenizer_template, chat_template=read_chat_template(name))
-    if name not in TEMPLATES:
-        raise ConfigError(f"data.template={name!r} is not a template{suggest(name, TEMPLATES)}; "
-                          f"choose one of {', '.join(sorted(TEMPLATES))}, or a Jinja chat template (.jinja file)")
-    if name == "tokenizer" and not tokenizer.chat_template:
-        raise ConfigError(f"data.template=tokenizer but tokenizer '{_name(tokenizer)}' has no chat template; "
-                          f"set data.template: alpaca")
-    return TEMPLATES[name]
-
-
-def read_chat_template(template: str) -> str:
-    if "{{" in template or "{%" in template:
-        return template
-    path = Path(template)
-    if not path.is_file():
-        raise ConfigError(f"data.template: chat template file '{path}' does not exist")
-    return path.read_text(encoding="utf-8")
-
-
 def count_spans(labels: list[int]) -> int:
     """Runs of consecutive labelled tokens: one per assistant turn."""
     previous, runs = IGNORE_INDEX, 0
@@ -195,12 +118,13 @@ def read_records(path):
     if not path.is_file():
         raise DataError(f"data file '{path}' does not exist")
     if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8") as f:
-            for number, line in enumerate(f, 1):
+        with open(path, "rb") as f:
+            for number, raw in enumerate(f, 1):
+                line = _decode(raw, f"{path}, line {number}")
                 if line.strip():
                     yield f"{path}, line {number}", _parse_json(line, f"{path}, line {number}")
     elif path.suffix == ".json":
-        records = _parse_json(path.read_text(encoding="utf-8"), str(path))
+        records = _parse_json(_decode(path.read_bytes(), str(path)), str(path))
         if not isinstance(records, list):
             raise DataError(f"{path}: expected a JSON list of records, got {type(records).__name__}")
         yield from ((f"{path}, record {number}", r) for number, r in enumerate(records, 1))
@@ -243,13 +167,15 @@ def _messages(turns, where: str, role_key: str, text_key: str) -> list[dict]:
     return messages
 
 
-def encode_conversation(segments: list[tuple[str, bool]], tokenizer) -> tuple[list[int], list[int]]:
-    """Token ids and labels: BOS first, EOS after each response unless the template already ends it so;
-    labels are IGNORE_INDEX except on response tokens."""
+def encode_conversation(segments: list[tuple[str, bool]], tokenizer,
+                        eos_after_response: bool = True) -> tuple[list[int], list[int]]:
+    """Token ids and labels: BOS first, EOS after each response unless the template already ends it so (or
+    ``eos_after_response`` is False: the template's end-of-turn marker ends it); labels are IGNORE_INDEX except
+    on response tokens."""
     eos, ids, labels = tokenizer.eos_token_id, [], []
     for text, is_response in segments:
-        tokens = tokenizer.encode(text)
-        if is_response and eos is not None and eos not in tokens:
+        tokens = encode_text(text, tokenizer)
+        if is_response and eos_after_response and eos is not None and eos not in tokens:
             tokens.append(eos)
         ids += tokens
         labels += tokens if is_response else [IGNORE_INDEX] * len(tokens)
@@ -257,6 +183,30 @@ def encode_conversation(segments: list[tuple[str, bool]], tokenizer) -> tuple[li
     if bos is not None and ids[:1] != [bos]:  # chat templates often render the BOS themselves
         ids, labels = [bos] + ids, [IGNORE_INDEX] + labels
     return ids, labels
+
+
+def encode_text(text: str, tokenizer) -> list[int]:
+    """``tokenizer.encode(text)``; a tokenizer that reads no special tokens in text (sentencepiece) gets its
+    BOS/EOS pieces (``<s>``, ``</s>``, as chat templates render them) as their ids."""
+    pieces = getattr(tokenizer, "_piece", None)
+    if pieces is None:
+        return tokenizer.encode(text)
+    specials = {pieces(i): i for i in (tokenizer.bos_token_id, tokenizer.eos_token_id) if i is not None}
+    specials.pop("", None)
+    if not specials:
+        return tokenizer.encode(text)
+    ids = []
+    for part in re.split("(" + "|".join(map(re.escape, specials)) + ")", text):
+        ids += [specials[part]] if part in specials else (tokenizer.encode(part) if part else [])
+    return ids
+
+
+def encode_chat_prompt(messages: list[dict], template, tokenizer) -> list[int]:
+    """The ids a model trained with ``template`` is prompted with to answer ``messages`` (ending with a user
+    turn): the training encoding of the conversation followed by the template's assistant prefix."""
+    segments = template.segments(messages + [{"role": "assistant", "content": ""}], tokenizer)
+    ids, _ = encode_conversation(segments[:-1], tokenizer, template.eos_after_response)
+    return ids
 
 
 def truncate(ids: list[int], labels: list[int], seq_len: int, bos: int | None, min_prompt_tokens: int):
@@ -306,4 +256,14 @@ def _parse_json(text: str, where: str):
     try:
         return json.loads(text)
     except json.JSONDecodeError as e:
-        raise DataError(f"{where}: invalid JSON ({e.msg} at line {e.lineno} column {e.colno})") from e
+        raise DataError(f"{where}: invalid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+    except RecursionError:
+        raise DataError(f"{where}: JSON nested too deeply to be a record") from None
+
+
+def _decode(raw: bytes, where: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise DataError(f"{where}: not valid UTF-8 at byte {e.start} ({raw[e.start]:#04x}); save the data as "
+                        f"UTF-8") from None
