@@ -118,7 +118,8 @@ def _safe_globals() -> list:
     """The non-tensor classes DeepSpeed pickles into its checkpoints: plain records of numbers."""
     from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
     from deepspeed.runtime.zero.config import ZeroStageEnum
-    return [LossScaler, DynamicLossScaler, ZeroStageEnum]
+    from deepspeed.utils.tensor_fragment import fragment_address  # ZeRO-1/2 optimizer states: (numel, start)
+    return [LossScaler, DynamicLossScaler, ZeroStageEnum, fragment_address]
 
 
 @contextlib.contextmanager

@@ -1,0 +1,200 @@
+"""Every layout, end to end: ``collie train`` under torchrun (gloo) trains, evaluates before, during and after
+training (perplexity and exact match of greedy generations), checkpoints mid-run and at the end and exports
+``final/``; every result must be the one-process run's: the losses and gradient norms of each step, the evaluation
+results, the exported weights, ``collie convert`` of the mid-run checkpoint and ``collie generate`` of ``final/``.
+A run that hangs fails at its timeout. LoRA and AdaLomo run on a representative subset of layouts, and a
+checkpoint saved in one layout resumes in another.
+
+Tolerances: the layouts sum the same fp32 values in other orders (tp splits the matmuls, dp the batch, pp nothing),
+which differs by ~1e-7 relative at step 1 and, through 4 AdamW steps (eps 1e-5 as in harness.py: with 1e-8 the
+rounding of near-zero gradients turns into lr-sized updates), by at most ~2e-6 in losses and weights in one layout
+and ~7e-6 in a run resumed in a second layout (seen): 3e-5. The gradient norm is the most sensitive figure: Adam
+divides by sqrt(v), so weight differences of ~1e-6 move the norm of the next gradient by up to 6e-5 relative
+(seen at step 4 after a resume in another layout): 2e-4.
+The 8-rank dp2×tp2×pp2 layout is opt-in: COLLIE_TEST_8RANK=1.
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from collie.cli import main
+
+pytestmark = pytest.mark.distributed
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+QUICKSTART = os.path.join(ROOT, "configs", "quickstart.yaml")
+GLOBAL_BATCH, STEPS, RUN_TIMEOUT_S = 8, 4, 300
+LOSS_RTOL, GRAD_NORM_RTOL, WEIGHT_ATOL = 3e-5, 2e-4, 1e-5
+PROMPT = "### Instruction:\nIs 47 even or odd?\n\n### Response:\n"
+COMMON = [
+    "model.arch={num_hidden_layers: 4, hidden_size: 64, intermediate_size: 128}", f"train.max_steps={STEPS}",
+    "train.log_every=1", "train.progress_bar=false", "optim.warmup_steps=0", "optim.scheduler=constant",
+    "data.shuffle=false", "eval.before_training=true", "eval.every_steps=2", "eval.max_batches=2",
+    "eval.batch_size=8", "eval.max_new_tokens=4", "eval.metrics=[perplexity, exact_match]",
+    "checkpoint.every_steps=2", "checkpoint.keep_last=3", "monitor.sinks=[jsonl]", "parallel.timeout_s=120",
+    f"data.train_files=[{ROOT}/data/quickstart/train.jsonl]", f"data.eval_files=[{ROOT}/data/quickstart/eval.jsonl]",
+    f"data.tokenizer={ROOT}/data/quickstart/tokenizer.model",
+]
+# what the run trains: the optimizer (and PEFT) of the one-process reference it is compared with
+FEATURES = {
+    "adamw": ["optim.name=adamw", "optim.args={eps: 1e-5}"],
+    "lora": ["optim.name=adamw", "optim.args={eps: 1e-5}", "peft.method=lora", "optim.lr=1e-2"],
+    "adalomo": ["optim.name=adalomo", "optim.lr=1e-2"],
+}
+# name -> (ranks, data-parallel degree, layout overrides)
+LAYOUTS = {
+    "dp2": (2, 2, ["parallel.dp=2"]),
+    "dp2_zero1": (2, 2, ["parallel.dp=2", "parallel.zero_stage=1"]),
+    "dp2_zero2": (2, 2, ["parallel.dp=2", "parallel.zero_stage=2"]),
+    "dp2_zero3": (2, 2, ["parallel.dp=2", "parallel.zero_stage=3"]),
+    "tp2_sp": (2, 1, ["parallel.tp=2", "parallel.sequence_parallel=true"]),
+    "pp2_gpipe": (2, 1, ["parallel.pp=2", "parallel.pp_schedule=gpipe"]),
+    "pp2_1f1b": (2, 1, ["parallel.pp=2", "parallel.pp_schedule=1f1b"]),
+    "pp2_interleaved": (2, 1, ["parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b"]),
+    "tp2_pp2": (4, 1, ["parallel.tp=2", "parallel.pp=2"]),
+    "dp2_tp2_zero3": (4, 2, ["parallel.dp=2", "parallel.tp=2", "parallel.zero_stage=3"]),
+    "dp2_pp2_zero0": (4, 2, ["parallel.dp=2", "parallel.pp=2", "parallel.pp_microbatches=2"]),
+    "dp2_pp2_zero2": (4, 2, ["parallel.dp=2", "parallel.pp=2", "parallel.zero_stage=2",
+                             "parallel.pp_microbatches=2"]),
+    "dp2_pp2_zero3": (4, 2, ["parallel.dp=2", "parallel.pp=2", "parallel.zero_stage=3",
+                             "parallel.pp_microbatches=2"]),
+    "deepspeed_zero1": (2, 2, ["parallel.engine=deepspeed", "parallel.zero_stage=1"]),
+    "deepspeed_zero2": (2, 2, ["parallel.engine=deepspeed", "parallel.zero_stage=2"]),
+    "deepspeed_zero3": (2, 2, ["parallel.engine=deepspeed", "parallel.zero_stage=3"]),
+    "dp2_tp2_pp2": (8, 2, ["parallel.dp=2", "parallel.tp=2", "parallel.pp=2", "parallel.zero_stage=3",
+                           "parallel.pp_microbatches=2"]),
+}
+MATRIX = [(name, "adamw") for name in LAYOUTS] + [
+    ("tp2_sp", "lora"), ("pp2_1f1b", "lora"), ("dp2_zero3", "lora"),
+    ("dp2_zero2", "adalomo"), ("tp2_sp", "adalomo"),
+]
+# (saved in, resumed in): the mid-run checkpoint of the first continues in the second
+RESUMES = [("dp2_pp2_zero2", "tp2_sp"), ("tp2_sp", "single")]
+
+
+# --- running ------------------------------------------------------------------------------------------------
+
+def overrides(out, feature: str, layout: str) -> list[str]:
+    ranks, dp, extra = LAYOUTS.get(layout, (1, 1, []))
+    return [*COMMON, *FEATURES[feature], f"train.micro_batch_size={GLOBAL_BATCH // dp}", f"train.output_dir={out}",
+            *extra]
+
+
+def collie_train(out, feature: str, layout: str, *extra) -> None:
+    """``collie train`` on the layout's ranks under torchrun (in this process for one rank)."""
+    args = ["train", QUICKSTART, *overrides(out, feature, layout), *extra]
+    ranks = LAYOUTS.get(layout, (1,))[0]
+    if ranks == 1:
+        assert main(args) == 0
+        return
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
+               "-m", "collie", *args]
+    log = os.path.join(str(out) + ".log")
+    with open(log, "w") as f:
+        try:
+            code = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, timeout=RUN_TIMEOUT_S,
+                                  env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode
+        except subprocess.TimeoutExpired:
+            code = "a hang: timed out"
+    assert code == 0, f"{layout}/{feature} exited with {code}:\n{open(log).read()[-5000:]}"
+
+
+def collie_generate(model_dir) -> str:
+    result = subprocess.run([sys.executable, "-m", "collie", "generate", str(model_dir), "--prompt", PROMPT,
+                             "--max-new-tokens", "8"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
+def collie_convert(checkpoint, out) -> dict:
+    assert main(["convert", str(checkpoint), str(out)]) == 0
+    return load_file(os.path.join(out, "model.safetensors"))
+
+
+def read_run(out) -> dict:
+    """What a run produced: per-step losses and gradient norms, evaluations by step, the exported weights, the
+    converted mid-run checkpoint and the generation of ``final/``."""
+    rows = [json.loads(line) for line in open(os.path.join(out, "metrics.jsonl"))]
+    final = os.path.join(out, "final")
+    weights = {}
+    for name in ("model.safetensors", "adapter_model.safetensors", os.path.join("base_model", "model.safetensors")):
+        if os.path.exists(os.path.join(final, name)):
+            weights.update({f"{name}:{k}": v for k, v in load_file(os.path.join(final, name)).items()})
+    return {"steps": {r["step"]: r for r in rows if "loss" in r},
+            "evals": {r["step"]: r for r in rows if "eval/loss" in r},
+            "final": weights,
+            "converted": collie_convert(os.path.join(out, "checkpoints", "step-00000002"), str(out) + "-converted"),
+            "generated": collie_generate(final)}
+
+
+_references: dict = {}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """The one-process run of a feature, once per module."""
+    def get(feature: str) -> dict:
+        if feature not in _references:
+            out = tmp_path_factory.mktemp(f"single-{feature}")
+            collie_train(out, feature, "single")
+            _references[feature] = read_run(out)
+        return _references[feature]
+    return get
+
+
+# --- comparing ----------------------------------------------------------------------------------------------
+
+def assert_same_steps(got: dict, expected: dict, steps, where: str) -> None:
+    assert sorted(got) == sorted(steps), f"{where}: steps {sorted(got)}"
+    for step in steps:
+        a, b = got[step], expected[step]
+        assert a["loss"] == pytest.approx(b["loss"], rel=LOSS_RTOL), f"{where} step {step} loss"
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=GRAD_NORM_RTOL), f"{where} step {step} grad norm"
+
+
+def assert_same_weights(got: dict, expected: dict, where: str) -> None:
+    assert got.keys() == expected.keys(), f"{where}: {sorted(got.keys() ^ expected.keys())[:4]}"
+    for key, value in expected.items():
+        torch.testing.assert_close(got[key], value, rtol=0, atol=WEIGHT_ATOL, msg=lambda m: f"{where} {key}: {m}")
+
+
+def assert_same_run(got: dict, expected: dict, where: str) -> None:
+    assert_same_steps(got["steps"], expected["steps"], range(1, STEPS + 1), where)
+    assert sorted(got["evals"]) == sorted(expected["evals"]) == [0, 2, 4], where
+    for step, row in expected["evals"].items():
+        assert got["evals"][step]["eval/loss"] == pytest.approx(row["eval/loss"], rel=LOSS_RTOL), f"{where} eval"
+        assert got["evals"][step]["eval/exact_match"] == row["eval/exact_match"], f"{where} eval at {step}"
+        assert got["evals"][step]["eval/samples"] == row["eval/samples"], f"{where} eval at {step}"
+    assert_same_weights(got["final"], expected["final"], f"{where} final/")
+    assert_same_weights(got["converted"], expected["converted"], f"{where} collie convert step-2")
+    assert got["generated"] == expected["generated"], where
+
+
+@pytest.mark.parametrize("layout, feature", MATRIX, ids=[f"{layout}-{feature}" for layout, feature in MATRIX])
+def test_layout_end_to_end_equals_one_process(layout, feature, reference, tmp_path):
+    if LAYOUTS[layout][0] == 8 and os.environ.get("COLLIE_TEST_8RANK") != "1":
+        pytest.skip("8-rank run: set COLLIE_TEST_8RANK=1")
+    if layout.startswith("deepspeed"):
+        pytest.importorskip("deepspeed")
+    expected = reference(feature)
+    collie_train(tmp_path / "run", feature, layout)
+    assert_same_run(read_run(tmp_path / "run"), expected, f"{layout}/{feature}")
+
+
+@pytest.mark.parametrize("saved_in, resumed_in", RESUMES, ids=[f"{a}-to-{b}" for a, b in RESUMES])
+def test_checkpoint_resumes_in_another_layout(saved_in, resumed_in, reference, tmp_path):
+    """Two steps in one layout, then steps 3 and 4 from its step-2 checkpoint in another: the uninterrupted
+    one-process losses (constant learning rate)."""
+    collie_train(tmp_path / "first", "adamw", saved_in, "train.max_steps=2", "eval.before_training=false")
+    checkpoint = tmp_path / "first" / "checkpoints" / "step-00000002"
+    collie_train(tmp_path / "second", "adamw", resumed_in, f"checkpoint.resume={checkpoint}",
+                 "eval.before_training=false")
+    rows = [json.loads(line) for line in open(tmp_path / "second" / "metrics.jsonl")]
+    got = {r["step"]: r for r in rows if "loss" in r}
+    assert_same_steps(got, reference("adamw")["steps"], [3, 4], f"{saved_in} → {resumed_in}")
