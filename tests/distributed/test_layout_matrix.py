@@ -72,7 +72,7 @@ LAYOUTS = {
 }
 MATRIX = [(name, "adamw") for name in LAYOUTS] + [
     ("tp2_sp", "lora"), ("pp2_1f1b", "lora"), ("dp2_zero3", "lora"),
-    ("dp2_zero2", "adalomo"), ("tp2_sp", "adalomo"),
+    ("dp2_zero2", "adalomo"), ("dp2_zero3", "adalomo"), ("tp2_sp", "adalomo"),
 ]
 # (saved in, resumed in): the mid-run checkpoint of the first continues in the second
 RESUMES = [("dp2_pp2_zero2", "tp2_sp"), ("tp2_sp", "single")]
