@@ -65,7 +65,8 @@ PLACEHOLDERS = {"configs/my_job.yaml": "configs/sft_tiny.yaml", "GRID": "configs
 # Appended to every command of a kind: a couple of steps, one evaluation batch, few generated tokens.
 SHORT_RUN = {"train": ["train.max_steps=2", "optim.warmup_steps=0", "eval.max_batches=1", "eval.max_new_tokens=4",
                        "train.progress_bar=false"],
-             "generate": ["--max-new-tokens", "4"], "bench": ["--steps", "1", "--warmup", "0"]}
+             "generate": ["--max-new-tokens", "4"],
+             "bench": ["--steps", "1", "--warmup", "0", "optim.warmup_steps=0"]}
 SHORT_RUN["compare"] = SHORT_RUN["train"]
 # Appended to single commands that would run many jobs: fewer of them (same code paths).
 SHORTER = {

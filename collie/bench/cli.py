@@ -36,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def bench_main(argv=None) -> int:
     """Entry point of ``collie bench``: 0 when every configuration ran, 1 when some failed, 2 on bad input."""
-    options = build_parser().parse_args(argv)
+    options = build_parser().parse_intermixed_args(argv)  # overrides may follow the options
     try:
         return _bench(options)
     except CollieError as error:
