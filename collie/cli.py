@@ -35,16 +35,59 @@ def cmd_convert(args) -> int:
 
 
 def cmd_generate(args) -> int:
-    from collie.data.tokenizer import load_tokenizer
+    """Each prompt as a user turn in the model's chat template (``--raw``: the prompt as is, printed with its
+    continuation); a warning on stderr for every prompt that got no text."""
+    from collie.evaluation.chat import find_chat_template
     from collie.evaluation.generation import generate_text
-    from collie.peft import load_model_or_adapter
-    model = load_model_or_adapter(args.model).eval()
-    tokenizer = load_tokenizer(args.tokenizer or args.model)
+    model, tokenizer = _load_for_generation(args)
+    template = None if args.raw else find_chat_template(args.model, tokenizer, args.tokenizer, args.template)
     outputs = generate_text(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_p,
-                            args.seed, args.stop or ())
-    for prompt, out in zip(args.prompt, outputs):
-        print(f"{prompt}{out}")
+                            args.seed, args.stop or (), template=template)
+    for i, (prompt, out) in enumerate(zip(args.prompt, outputs)):
+        print(f"{prompt}{out}" if template is None else f"{prompt}\n{out}\n")
+        if not out.strip():
+            print(f"collie: warning: prompt {i + 1} generated nothing (its first token was EOS or a stop string); "
+                  f"{'drop --raw to apply the chat template' if args.raw else _template_hint(template)}",
+                  file=sys.stderr)
     return 0
+
+
+def cmd_chat(args) -> int:
+    """Chat on stdin/stdout: one user turn per line until EOF or /exit, answers streamed as generated."""
+    from collie.evaluation.chat import chat_session, find_chat_template, require_template
+    model, tokenizer = _load_for_generation(args)
+    template = find_chat_template(args.model, tokenizer, args.tokenizer, args.template)
+    require_template(template)
+    interactive = sys.stdin.isatty()
+    if interactive:
+        print(f"collie chat ({template.name if template else 'no'} template): /exit or Ctrl-D ends, /reset "
+              f"forgets the history", file=sys.stderr)
+
+    def read_line():
+        if interactive:
+            print("> ", end="", file=sys.stderr, flush=True)
+        line = sys.stdin.readline()
+        return line or None
+
+    def write(text):
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    chat_session(model, tokenizer, template, read_line, write,
+                 lambda m: print(f"collie: warning: {m}", file=sys.stderr), args.system, args.max_new_tokens,
+                 temperature=args.temperature, top_p=args.top_p, seed=args.seed, stop=args.stop or ())
+    return 0
+
+
+def _load_for_generation(args):
+    from collie.data.tokenizer import load_tokenizer
+    from collie.peft import load_model_or_adapter
+    return load_model_or_adapter(args.model).eval(), load_tokenizer(args.tokenizer or args.model)
+
+
+def _template_hint(template) -> str:
+    if template is None:
+        return "no chat template was found with the model: try --template NAME (the data.template it was trained with)"
+    return f"chat template '{template.name}' applied; try --raw, or train longer"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,7 +118,23 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]")
     gen.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
     gen.add_argument("--stop", action="append", help="stop string; the output ends before it (repeatable)")
+    gen.add_argument("--raw", action="store_true", help="generate from each prompt as is, without the chat template")
+    gen.add_argument("--template", help="chat template instead of the one saved with the model: a data.template "
+                                        "name (alpaca, chatml, llama3, …) or a .jinja file")
     gen.set_defaults(run=cmd_generate)
+    chat = sub.add_parser("chat", help="chat with a saved model on stdin/stdout (its chat template, the history, "
+                                       "streamed answers; /exit or end of input stops)")
+    chat.add_argument("model", help="Hugging Face model or LoRA adapter directory (e.g. OUTPUT_DIR/final)")
+    chat.add_argument("--tokenizer", help="tokenizer path if not in the model directory")
+    chat.add_argument("--template", help="chat template instead of the one saved with the model: a data.template "
+                                         "name or a .jinja file")
+    chat.add_argument("--system", help="a system message that starts the conversation")
+    chat.add_argument("--max-new-tokens", type=int, default=256, help="tokens per answer at most")
+    chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
+    chat.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]")
+    chat.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
+    chat.add_argument("--stop", action="append", help="stop string; an answer ends before it (repeatable)")
+    chat.set_defaults(run=cmd_chat)
     # listed for --help only: main() hands `collie estimate …` to collie.estimate.cli before parsing
     sub.add_parser("estimate", help="predict per-GPU memory and per-step communication of a job "
                                     "(collie estimate --help)")

@@ -65,11 +65,15 @@ def cut_at_stop(text: str, stop: Sequence[str]) -> str:
 
 
 @torch.no_grad()
-def generate(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int | None, pad_id: int,
+def generate(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int | Sequence[int] | None, pad_id: int,
              temperature: float = 0.0, top_p: float = 1.0, generator=None, device=None, *,
              stop: Sequence[str] = (), decode: Callable[[list[int]], str] | None = None,
-             use_cache: bool | None = None, pad_to_multiple_of: int = 1) -> list[list[int]]:
+             use_cache: bool | None = None, pad_to_multiple_of: int = 1,
+             on_step: Callable[[list[list[int]], list[bool]], None] | None = None) -> list[list[int]]:
     """Continue each prompt by up to ``max_new_tokens`` tokens; returns only the new tokens, EOS excluded.
+
+    ``eos_id``: one id or several (a chat template's end-of-turn tokens besides EOS). ``on_step(rows, done)``,
+    called after every step with each row's tokens so far and whether it has stopped, lets a caller stream.
 
     ``model`` is any callable ``(ids, position_ids=, attention_mask=) -> logits`` (tensor-parallel logits are
     gathered); ``device`` defaults to the device of its parameters. A row also stops once ``decode`` of its new
@@ -79,6 +83,7 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int |
     multiple and recomputes the sequence each step: one new token cannot be split.
     """
     check_sampling(temperature, top_p)
+    eos_ids = {eos_id} if eos_id is None or isinstance(eos_id, int) else set(eos_id)
     if stop and decode is None:
         raise ConfigError("stop strings need decode= (the tokenizer's decode) to be checked")
     device = device or next(iter(model.parameters())).device
@@ -94,7 +99,9 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int |
         token = sample_next(logits, temperature, top_p, generator)
         done = torch.tensor([n is not None for n in lengths], device=device)
         token = torch.where(done, torch.full_like(token, pad_id), token)  # finished rows only pad
-        _record(rows, lengths, token.tolist(), eos_id, stop, decode)
+        _record(rows, lengths, token.tolist(), eos_ids, stop, decode)
+        if on_step is not None:
+            on_step(_kept(rows, lengths), [n is not None for n in lengths])
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         if cache is None:
             ids = torch.cat([ids, token[:, None]], dim=1)
@@ -104,6 +111,10 @@ def generate(model, prompts: list[list[int]], max_new_tokens: int, eos_id: int |
             inputs, positions, model_mask = token[:, None], positions[:, -1:] + 1, mask
         if all(n is not None for n in lengths):
             break
+    return _kept(rows, lengths)
+
+
+def _kept(rows, lengths) -> list[list[int]]:
     return [row if n is None else row[:n] for row, n in zip(rows, lengths)]
 
 
@@ -118,25 +129,75 @@ def _positions(mask: torch.Tensor) -> torch.Tensor:
     return (mask.cumsum(-1) - 1).clamp(min=0)
 
 
-def _record(rows, lengths, tokens: list[int], eos_id, stop, decode) -> None:
+def _record(rows, lengths, tokens: list[int], eos_ids: set, stop, decode) -> None:
     """Append each running row's token; set its kept length when it hits EOS (excluded) or a stop string."""
     for i, token in enumerate(tokens):
         if lengths[i] is not None:
             continue
         rows[i].append(token)
-        if token == eos_id:
+        if token in eos_ids:
             lengths[i] = len(rows[i]) - 1
         elif stop and any(s in decode(rows[i]) for s in stop):
             lengths[i] = len(rows[i])
 
 
 def generate_text(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 32, temperature: float = 0.0,
-                  top_p: float = 1.0, seed: int = 0, stop: Sequence[str] = (), device=None) -> list[str]:
+                  top_p: float = 1.0, seed: int = 0, stop: Sequence[str] = (), device=None,
+                  template=None) -> list[str]:
     """The continuation text of each prompt (encoded with BOS), cut before the first stop string. Sampling
-    draws from a ``torch.Generator`` seeded with ``seed``, so a seed gives the same texts every run."""
+    draws from a ``torch.Generator`` seeded with ``seed``, so a seed gives the same texts every run.
+
+    ``template`` (a ``collie.data.templates.ChatTemplate``): each prompt is a user turn in that chat template,
+    and the answer ends at EOS or at the template's end of turn."""
+    if template is not None:
+        return [generate_reply(model, tokenizer, [{"role": "user", "content": p}], template, max_new_tokens,
+                               temperature, top_p, seed, stop, device) for p in prompts]
     device = device or next(iter(model.parameters())).device
     generator = torch.Generator(device=device).manual_seed(seed)
     encoded = [tokenizer.encode(p, add_bos=True) for p in prompts]
     outputs = generate(model, encoded, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id,
                        temperature, top_p, generator, device, stop=stop, decode=tokenizer.decode)
     return [cut_at_stop(tokenizer.decode(out), stop) for out in outputs]
+
+
+def generate_reply(model, tokenizer, messages: list[dict], template, max_new_tokens: int = 256,
+                   temperature: float = 0.0, top_p: float = 1.0, seed: int = 0, stop: Sequence[str] = (),
+                   device=None, stream: Callable[[str], None] | None = None) -> str:
+    """The assistant's answer to ``messages`` (ending with a user turn) in chat ``template``, as training
+    encoded it. ``stream(text)`` receives the answer piece by piece as it is generated."""
+    from collie.data.instruction import encode_chat_prompt
+    from collie.data.templates import stop_token_ids
+    device = device or next(iter(model.parameters())).device
+    generator = torch.Generator(device=device).manual_seed(seed)
+    stop = [*stop, *template.stop]
+    streamer = _Streamer(tokenizer.decode, stop, stream) if stream else None
+    [out] = generate(model, [encode_chat_prompt(messages, template, tokenizer)], max_new_tokens,
+                     stop_token_ids(template, tokenizer), tokenizer.pad_token_id, temperature, top_p, generator,
+                     device, stop=stop, decode=tokenizer.decode, on_step=streamer)
+    text = cut_at_stop(tokenizer.decode(out), stop)
+    if streamer:
+        streamer.finish(text)
+    return text
+
+
+class _Streamer:
+    """Hands out the text of row 0 as it grows, holding back an end that could still become a stop string."""
+
+    def __init__(self, decode, stop: Sequence[str], write: Callable[[str], None]):
+        self.decode, self.stop, self.write, self.sent = decode, [s for s in stop if s], write, 0
+
+    def __call__(self, rows, done):
+        text = cut_at_stop(self.decode(rows[0]), self.stop)
+        if not done[0]:
+            text = text.rstrip("\ufffd")  # a character whose bytes are not all generated yet
+            text = text[:len(text) - max((n for s in self.stop for n in range(1, len(s)) if text.endswith(s[:n])),
+                                         default=0)]
+        self._send(text)
+
+    def finish(self, text: str):
+        self._send(text)
+
+    def _send(self, text: str):
+        if len(text) > self.sent:  # a longer token list decodes to a longer text with the same beginning
+            self.write(text[self.sent:])
+            self.sent = len(text)

@@ -21,6 +21,7 @@ from collie.checkpoint import CheckpointManager, claim_output_dir
 from collie.config import CollieConfig
 from collie.data.collate import pad_collate
 from collie.data.loader import BatchStream
+from collie.data.templates import save_chat_files
 from collie.distributed import barrier, init_parallel
 from collie.distributed.watchdog import NoWatchdog, start_watchdog
 from collie.engine import build_engine
@@ -314,10 +315,12 @@ class Trainer:
         return path
 
     def save_model(self, path: str) -> None:
-        """Write the model as a Hugging Face directory (gathered from every rank), with the tokenizer."""
+        """Write the model as a Hugging Face directory (gathered from every rank), with the tokenizer, the chat
+        template training used and the generation config."""
         with self.watchdog.operation(f"saving the model to {path}"):
             written = self.engine.export(path, self.model_args)
         if self.is_main_process and hasattr(self.tokenizer, "save_pretrained"):
             self.tokenizer.save_pretrained(path)
+            save_chat_files(path, self.cfg.data, self.tokenizer)
         self.callbacks.fire("on_save", self, path)
         logger.info("saved %s to %s", written or "model", path)
