@@ -9,6 +9,7 @@ import torch
 from collie.monitor import meters
 from collie.monitor.sinks import build_sinks
 from collie.callbacks import Callback
+from collie.log import console_is_terminal
 
 
 class Monitor(Callback):
@@ -68,13 +69,14 @@ def write_run_info(trainer, flops_per_token: float, peak_tflops: float | None) -
 
 
 class ProgressBar(Callback):
-    """A rich progress bar on the main process, showing the latest loss and non-padding tokens/s per device."""
+    """A rich progress bar on the main process, showing the latest loss and non-padding tokens/s per device; only
+    on a terminal (in a file or a pipe it would be frozen frames among the log lines)."""
 
     def __init__(self):
         self.progress, self.task = None, None
 
     def on_train_begin(self, trainer):
-        if not (trainer.is_main_process and trainer.cfg.train.progress_bar):
+        if not (trainer.is_main_process and trainer.cfg.train.progress_bar and console_is_terminal()):
             return
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
         self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
