@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 
 import torch
@@ -150,3 +151,37 @@ def build_dataset(cfg, tokenizer, files: list[str], args, is_main_process: bool 
     from collie.data.instruction import load_instruction_dataset
     return load_instruction_dataset(files, tokenizer, cfg.data.seq_len, template=cfg.data.template,
                                     pack=cfg.data.pack)
+
+
+def split_eval_data(cfg, train, eval_dataset):
+    """``(train, eval)``: with ``data.eval_split``, that fraction (or count) of the training samples, drawn with
+    ``train.seed`` (the same on every rank and every run), is evaluation data and no longer trained on. An
+    evaluation dataset handed to the Trainer takes precedence."""
+    split = cfg.data.eval_split
+    if split is None or eval_dataset is not None:
+        return train, eval_dataset
+    count = round(split * len(train)) if split < 1 else int(split)
+    if not 1 <= count < len(train):
+        raise ConfigError(f"data.eval_split={split:g} holds out {count} of the {len(train)} training samples; "
+                          f"leave at least one sample on each side")
+    generator = torch.Generator().manual_seed(cfg.train.seed)
+    order = torch.randperm(len(train), generator=generator).tolist()
+    logger.info("data.eval_split=%g: %d of %d training samples held out for evaluation (train.seed=%d)", split,
+                count, len(train), cfg.train.seed)
+    subset = torch.utils.data.Subset
+    return subset(train, sorted(order[count:])), subset(train, sorted(order[:count]))
+
+
+def resolve_max_steps(cfg, num_samples: int, dp: int) -> int:
+    """``train.max_steps``; with ``train.epochs``, ceil(epochs · samples / global batch) written into the config
+    (which then holds ``max_steps`` alone, as a config saved from it reloads) and logged."""
+    train = cfg.train
+    if train.epochs is None:
+        return train.max_steps
+    global_batch = train.micro_batch_size * train.grad_accum_steps * dp
+    steps = max(1, math.ceil(train.epochs * num_samples / global_batch))
+    logger.info("train.epochs=%g: max_steps=%d (%d training samples, global batch %d = micro_batch_size %d × "
+                "grad_accum_steps %d × dp %d)", train.epochs, steps, num_samples, global_batch,
+                train.micro_batch_size, train.grad_accum_steps, dp)
+    train.max_steps, train.epochs = steps, None
+    return steps

@@ -112,13 +112,24 @@ class DataConfig:
                                      "them (reported) instead of failing; instruction data always fail on one")
     pad_to_multiple_of: Optional[int] = _f(None, "round padded batch length up to a multiple of this", min=1)
     shuffle: bool = _f(True, "shuffle the training data each epoch")
+    eval_split: Optional[float] = _f(None, "hold out part of the training data as evaluation data: a fraction in "
+                                           "(0, 1) or a whole count >= 1 of samples (records; packed sequences for "
+                                           "pretrain data or data.pack), drawn with train.seed; exclusive with "
+                                           "eval_files", min=0.0)
+
+    def __post_init__(self):
+        check_eval_split(self.eval_split, self.eval_files)
 
 
 @dataclass
 class TrainConfig:
     """The training loop."""
     output_dir: str = _f("outputs/run", "where the resolved config, log, metrics.jsonl and checkpoints go")
-    max_steps: int = _f(100, "optimizer steps to run", min=1)
+    max_steps: Optional[int] = _f(None, "optimizer steps to run; null = 100, or counted from train.epochs (set one "
+                                        "of the two)", min=1)
+    epochs: Optional[float] = _f(None, "passes over the training data, instead of max_steps: max_steps = ceil(epochs "
+                                       "· training samples / global batch), logged at the start; null = max_steps",
+                                 min=0.0)
     micro_batch_size: int = _f(8, "sequences per forward pass on each data-parallel rank", min=1)
     grad_accum_steps: int = _f(1, "micro-batches accumulated into one optimizer step", min=1)
     precision: Literal["fp32", "bf16", "fp16"] = _f("fp32", "compute precision (autocast for bf16/fp16)")
@@ -135,6 +146,9 @@ class TrainConfig:
                               min=0)
     overwrite: bool = _f(False, "a fresh run (checkpoint.resume unset) into an output_dir holding an earlier run's "
                                 "checkpoints deletes them (and its metrics) instead of refusing to start")
+
+    def __post_init__(self):
+        self.max_steps = check_steps_or_epochs(self.max_steps, self.epochs)
 
 
 @dataclass
@@ -320,6 +334,27 @@ def _check_monitor(cfg: CollieConfig) -> None:
     for i, s in enumerate(cfg.monitor.sinks):
         if s not in known:
             raise ConfigError(f"monitor.sinks[{i}]='{s}' is unknown{suggest(s, known)}; choose from {known}")
+
+
+def check_steps_or_epochs(max_steps: int | None, epochs: float | None) -> int | None:
+    """``train.max_steps`` or ``train.epochs``, not both; neither: 100 steps. With epochs, max_steps stays null
+    until the Trainer counts the training samples (``collie.builders.resolve_max_steps``)."""
+    if epochs is not None and epochs <= 0:
+        raise ConfigError(f"train.epochs={epochs:g} must be > 0")
+    if max_steps is not None and epochs is not None:
+        raise ConfigError(f"train.max_steps={max_steps} and train.epochs={epochs:g} are alternatives: set one of them "
+                          f"(e.g. train.max_steps=null to train for epochs)")
+    return 100 if max_steps is None and epochs is None else max_steps
+
+
+def check_eval_split(eval_split: float | None, eval_files: list) -> None:
+    if eval_split is None:
+        return
+    if eval_split <= 0 or (eval_split >= 1 and not float(eval_split).is_integer()):
+        raise ConfigError(f"data.eval_split={eval_split:g}: give a fraction in (0, 1) or a whole number of samples >= 1")
+    if eval_files:
+        raise ConfigError("data.eval_split and data.eval_files both name evaluation data: keep one of them "
+                          "(data.eval_files=[] to hold out part of the training data)")
 
 
 VALIDATORS: list[Any] = [_check_model_arch, _check_parallel, _check_optim, _check_peft, _check_data, _check_monitor]

@@ -74,6 +74,8 @@ class Trainer:
         self.train_dataset = train_dataset or self._load_data(config.data.train_files, "train")
         eval_files = config.data.eval_files
         self.eval_dataset = eval_dataset or (self._load_data(eval_files, "eval") if eval_files else None)
+        self.train_dataset, self.eval_dataset = builders.split_eval_data(config, self.train_dataset, self.eval_dataset)
+        builders.resolve_max_steps(config, len(self.train_dataset), self.ctx.dp)  # train.epochs → max_steps
 
         self.scheduler = build_scheduler(self.optimizer, config.optim, config.train.max_steps)
         self.state = TrainerState()
