@@ -95,8 +95,9 @@ class DataConfig:
     eval_files: list[str] = _f([], "evaluation files")
     tokenizer: Optional[str] = _f(None, "tokenizer: HF tokenizer directory or sentencepiece .model; "
                                         "null = model.pretrained")
-    template: str = _f("alpaca", "prompt template for instruction data (alpaca, chatml), 'tokenizer' for "
-                                 "the tokenizer's chat template, or a Jinja chat template: a .jinja file or its text")
+    template: str = _f("alpaca", "chat template for instruction data: alpaca, chatml, a model family's (llama2, "
+                                 "llama3, mistral, qwen2, internlm2), 'tokenizer' for the tokenizer's own, or a Jinja "
+                                 "chat template (a .jinja file or its text); saved with the model for generation")
     seq_len: int = _f(512, "maximum tokens per sequence", min=2)
     pack: bool = _f(False, "instruction data: pack several conversations per sequence (positions restart per "
                            "conversation); pretrain data is always packed into seq_len blocks")

@@ -104,3 +104,19 @@ def test_chat_without_a_template_names_the_option(final, loaded, tmp_path, capsy
     tokenizer.save_pretrained(tmp_path)
     assert main(["chat", str(tmp_path)]) == 2
     assert "--template" in capsys.readouterr().err
+
+
+def test_a_sentencepiece_run_saves_its_template_for_generate(tmp_path, capsys):
+    """The quick start's kind of run (sentencepiece, data.template=alpaca): final/ names alpaca, and collie generate
+    prompts with the alpaca encoding of a user turn."""
+    Trainer(config(tmp_path / "run", "train.max_steps=1", "checkpoint.save_final=true", "eval.before_training=false",
+                   "eval.metrics=[perplexity]")).fit()
+    final = tmp_path / "run" / "final"
+    tokenizer = load_tokenizer(final)
+    assert load_chat_template(final, tokenizer) is TEMPLATES["alpaca"]
+    assert (final / "chat_template.jinja").read_text() == TEMPLATES["alpaca"].chat_template
+    model = load_model_or_adapter(str(final)).eval()
+    reply = generate_text(model, tokenizer, QUESTIONS[:1], 4, template=TEMPLATES["alpaca"])[0]
+    capsys.readouterr()  # the run's log
+    assert main(["generate", str(final), "--prompt", QUESTIONS[0], "--max-new-tokens", "4"]) == 0
+    assert capsys.readouterr().out == f"{QUESTIONS[0]}\n{reply}\n\n"

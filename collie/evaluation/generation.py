@@ -149,13 +149,16 @@ def generate_text(model, tokenizer, prompts: Sequence[str], max_new_tokens: int 
 
     ``template`` (a ``collie.data.templates.ChatTemplate``): each prompt is a user turn in that chat template,
     and the answer ends at EOS or at the template's end of turn."""
-    if template is not None:
-        return [generate_reply(model, tokenizer, [{"role": "user", "content": p}], template, max_new_tokens,
-                               temperature, top_p, seed, stop, device) for p in prompts]
     device = device or next(iter(model.parameters())).device
     generator = torch.Generator(device=device).manual_seed(seed)
-    encoded = [tokenizer.encode(p, add_bos=True) for p in prompts]
-    outputs = generate(model, encoded, max_new_tokens, tokenizer.eos_token_id, tokenizer.pad_token_id,
+    if template is None:
+        encoded, eos = [tokenizer.encode(p, add_bos=True) for p in prompts], tokenizer.eos_token_id
+    else:
+        from collie.data.instruction import encode_chat_prompt
+        from collie.data.templates import stop_token_ids
+        encoded = [encode_chat_prompt([{"role": "user", "content": p}], template, tokenizer) for p in prompts]
+        eos, stop = stop_token_ids(template, tokenizer), [*stop, *template.stop]
+    outputs = generate(model, encoded, max_new_tokens, eos, tokenizer.pad_token_id,
                        temperature, top_p, generator, device, stop=stop, decode=tokenizer.decode)
     return [cut_at_stop(tokenizer.decode(out), stop) for out in outputs]
 
