@@ -65,7 +65,7 @@ PLACEHOLDERS = {"configs/my_job.yaml": "configs/sft_tiny.yaml", "GRID": "configs
 # Appended to every command of a kind: a couple of steps, one evaluation batch, few generated tokens.
 SHORT_RUN = {"train": ["train.max_steps=2", "optim.warmup_steps=0", "eval.max_batches=1", "eval.max_new_tokens=4",
                        "train.progress_bar=false"],
-             "generate": ["--max-new-tokens", "4"],
+             "generate": ["--max-new-tokens", "4"], "chat": ["--max-new-tokens", "4"],
              "bench": ["--steps", "1", "--warmup", "0", "optim.warmup_steps=0"]}
 SHORT_RUN["compare"] = SHORT_RUN["train"]
 # Appended to single commands that would run many jobs: fewer of them (same code paths).
@@ -191,10 +191,10 @@ def split_pipeline(text: str) -> list[str]:
 
 
 def job_kind(words: list[str]) -> str | None:
-    """What a simple command runs: train, compare, generate, bench (each shortened by SHORT_RUN), or None."""
+    """What a simple command runs: train, compare, generate, chat, bench (shortened by SHORT_RUN), or None."""
     text = " ".join(words)
-    if re.search(r"(^|\s)collie (train|generate|bench) |-m collie train |-m collie\.train ", text + " "):
-        kind = re.search(r"collie(?: |\.)(train|generate|bench)", text)[1]
+    if re.search(r"(^|\s)collie (train|generate|chat|bench) |-m collie train |-m collie\.train ", text + " "):
+        kind = re.search(r"collie(?: |\.)(train|generate|chat|bench)", text)[1]
         return None if kind == "bench" and "--dry-run" in words else kind
     if re.search(r"examples/(sft|pretrain|custom_model)\.py", text):
         return "train"
@@ -263,8 +263,8 @@ def execute(script: str, cwd: Path, timeout_s: float) -> Result:
            "XDG_CACHE_HOME": str(cwd / ".cache"), "MPLCONFIGDIR": str(cwd / ".cache"), "HF_HUB_OFFLINE": "1",
            "PYTHONUNBUFFERED": "1"}
     start = time.monotonic()
-    process = subprocess.Popen(["bash", "-c", script], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                               stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    process = subprocess.Popen(["bash", "-c", script], cwd=cwd, env=env, stdin=subprocess.DEVNULL, text=True,
+                               stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         output, _ = process.communicate(timeout=timeout_s)
         code = process.returncode
@@ -357,10 +357,9 @@ def test_commands_are_found_in_every_form():
     for command in COMMANDS:
         by_doc.setdefault(command.doc, []).append(command)
     assert len(COMMANDS) >= 40 and {"README.md", "docs/guide.md", "docs/estimate.md"} <= set(by_doc)
-    generate = BY_KEY[" ".join('collie generate outputs/quickstart/final --prompt "### Instruction: Is 47 even or '
-                                'odd? ### Response: "'.split())]
-    assert generate.text.endswith('--prompt "### Instruction:\nIs 47 even or odd?\n\n### Response:\n"')
-    sampled = [c for c in COMMANDS if "--temperature 0.8" in c.text][0]
+    quoted = [c for c in COMMANDS if '--prompt "### Instruction:\n' in c.text]  # a prompt over several lines
+    assert quoted and all(c.text.endswith('\n\n### Response:\n"') for c in quoted)
+    sampled = [c for c in COMMANDS if "--temperature 0.8" in c.text][0]  # continued with a backslash
     assert sampled.text.endswith('--prompt "Which is larger: 39 or 25?"') and "\\" not in sampled.text
     assert [c.text for c in by_doc["docs/estimate.md"] if c.text.startswith("predict ")][0].endswith("--gpus 1")
     assert len([c for c in by_doc["docs/estimate.md"] if c.text.startswith("predict ")][0].prelude) == 3
