@@ -72,9 +72,13 @@ def cmd_chat(args) -> int:
     def write(text):
         sys.stdout.write(text)
         sys.stdout.flush()
-    chat_session(model, tokenizer, template, read_line, write,
-                 lambda m: print(f"collie: warning: {m}", file=sys.stderr), args.system, args.max_new_tokens,
-                 temperature=args.temperature, top_p=args.top_p, seed=args.seed, stop=args.stop or ())
+    try:
+        chat_session(model, tokenizer, template, read_line, write,
+                     lambda m: print(f"collie: warning: {m}", file=sys.stderr), args.system, args.max_new_tokens,
+                     temperature=args.temperature, top_p=args.top_p, seed=args.seed, stop=args.stop or ())
+    except KeyboardInterrupt:  # Ctrl-C ends the session quietly
+        print(file=sys.stderr)
+        return 130
     return 0
 
 

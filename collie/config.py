@@ -138,7 +138,8 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto = cuda when available, else cpu")
     log_every: int = _f(10, "write a log line and metrics every n steps", min=1)
     on_nonfinite: Literal["skip", "stop"] = _f("skip", "a non-finite loss: skip the step or stop the run")
-    progress_bar: bool = _f(True, "show a progress bar on rank 0")
+    progress_bar: bool = _f(True, "show a progress bar on rank 0 when its console is a terminal (in a file or "
+                                  "a pipe, log lines only)")
     compile: bool = _f(False, "torch.compile each decoder layer (after activation checkpointing and sharding); pad batches to fixed "
                                 "lengths (data.pad_to_multiple_of) to avoid recompiling for every new length")
     compile_backend: str = _f("inductor", "torch.compile backend (inductor; aot_eager to check without codegen)")

@@ -46,3 +46,18 @@ def test_console_handler_off_a_terminal_is_plain():
     assert not sys.stdout.isatty()  # pytest captures the output
     handler = console_handler()
     assert isinstance(handler.formatter, OneLineFormatter)
+
+
+def test_progress_bar_only_on_a_terminal(monkeypatch):
+    from types import SimpleNamespace
+
+    from collie.monitor import monitor
+    trainer = SimpleNamespace(is_main_process=True, state=SimpleNamespace(step=0),
+                              cfg=SimpleNamespace(train=SimpleNamespace(progress_bar=True, max_steps=3)))
+    bar = monitor.ProgressBar()
+    bar.on_train_begin(trainer)
+    assert bar.progress is None  # pytest's captured output is no terminal
+    monkeypatch.setattr(monitor, "console_is_terminal", lambda: True)
+    bar.on_train_begin(trainer)
+    assert bar.progress is not None
+    bar.on_train_end(trainer)
