@@ -31,7 +31,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 QUICKSTART = os.path.join(ROOT, "configs", "quickstart.yaml")
 GLOBAL_BATCH, STEPS, RUN_TIMEOUT_S = 8, 4, 300
 LOSS_RTOL, GRAD_NORM_RTOL, WEIGHT_ATOL = 3e-5, 2e-4, 1e-5
-PROMPT = "### Instruction:\nIs 47 even or odd?\n\n### Response:\n"
+PROMPT = "Is 47 even or odd?"  # collie generate wraps it in the chat template the run trained with
 COMMON = [
     "model.arch={num_hidden_layers: 4, hidden_size: 64, intermediate_size: 128}", f"train.max_steps={STEPS}",
     "train.log_every=1", "train.progress_bar=false", "optim.warmup_steps=0", "optim.scheduler=constant",
