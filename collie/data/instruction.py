@@ -26,6 +26,7 @@ from torch.utils.data import Dataset
 from collie.data.collate import IGNORE_INDEX
 from collie.data.templates import (TEMPLATES, ChatTemplate, alpaca_template, chatml_template,  # noqa: F401
                                    register_template, resolve_template)
+from collie.data.tokenizer import SentencePieceTokenizer
 from collie.errors import DataError
 
 logger = logging.getLogger("collie")
@@ -188,11 +189,10 @@ def encode_conversation(segments: list[tuple[str, bool]], tokenizer,
 def encode_text(text: str, tokenizer) -> list[int]:
     """``tokenizer.encode(text)``; a tokenizer that reads no special tokens in text (sentencepiece) gets its
     BOS/EOS pieces (``<s>``, ``</s>``, as chat templates render them) as their ids."""
-    pieces = getattr(tokenizer, "_piece", None)
-    if pieces is None:
+    if not isinstance(tokenizer, SentencePieceTokenizer):
         return tokenizer.encode(text)
-    specials = {pieces(i): i for i in (tokenizer.bos_token_id, tokenizer.eos_token_id) if i is not None}
-    specials.pop("", None)
+    specials = {tokenizer.sp.id_to_piece(i): i for i in (tokenizer.bos_token_id, tokenizer.eos_token_id)
+                if i is not None}
     if not specials:
         return tokenizer.encode(text)
     ids = []
