@@ -140,3 +140,17 @@ def test_sentencepiece_reads_bos_and_eos_pieces_in_family_templates(tmp_path):
     assert ids[0] == sp.bos_token_id and labels[ids.index(sp.eos_token_id)] == sp.eos_token_id
     answered = sp.decode([t for t in labels if t != IGNORE_INDEX])
     assert "<s>" not in sp.decode(ids) and answered.split() == ["42", "even"]
+
+
+def test_generation_prompt_of_a_template_that_training_cannot_split(bpe):
+    """A chat template that is no prefix of its continuation (here: it counts the messages) cannot train, but a
+    model that ships one still gets its generation prompt, rendered whole."""
+    from collie.data.templates import ChatTemplate
+    tok = family_tokenizer(bpe, "qwen2")
+    jinja = ("{{ messages | length }}{% for m in messages %}{{ m['role'] + ': ' + m['content'] + '\\n' }}{% endfor %}"
+             "{% if add_generation_prompt %}{{ 'assistant: ' }}{% endif %}")
+    template = ChatTemplate("counting", jinja)
+    with pytest.raises(Exception, match="does not render a conversation as a prefix"):
+        template.segments(TURNS[:2], tok)
+    prompt = tok.hf.apply_chat_template(TURNS[:1], tokenize=False, add_generation_prompt=True, chat_template=jinja)
+    assert encode_chat_prompt(TURNS[:1], template, tok) == tok.encode(prompt)

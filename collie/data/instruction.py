@@ -204,7 +204,11 @@ def encode_text(text: str, tokenizer) -> list[int]:
 def encode_chat_prompt(messages: list[dict], template, tokenizer) -> list[int]:
     """The ids a model trained with ``template`` is prompted with to answer ``messages`` (ending with a user
     turn): the training encoding of the conversation followed by the template's assistant prefix."""
-    segments = template.segments(messages + [{"role": "assistant", "content": ""}], tokenizer)
+    try:
+        segments = template.segments(messages + [{"role": "assistant", "content": ""}], tokenizer)
+    except DataError:  # a template that cannot be split into turns (training refuses it): its prompt as a whole
+        text = tokenizer.apply_chat_template(messages, add_generation_prompt=True, chat_template=template.chat_template)
+        segments = [(text, False), ("", True)]
     ids, _ = encode_conversation(segments[:-1], tokenizer, template.eos_after_response)
     return ids
 
