@@ -120,3 +120,14 @@ def test_a_sentencepiece_run_saves_its_template_for_generate(tmp_path, capsys):
     capsys.readouterr()  # the run's log
     assert main(["generate", str(final), "--prompt", QUESTIONS[0], "--max-new-tokens", "4"]) == 0
     assert capsys.readouterr().out == f"{QUESTIONS[0]}\n{reply}\n\n"
+
+
+def test_a_pretrained_model_continues_text_even_if_its_tokenizer_has_a_template(final, tmp_path):
+    from types import SimpleNamespace
+
+    from collie.data.templates import save_chat_files
+    tokenizer = load_tokenizer(final)
+    assert tokenizer.chat_template  # the tokenizer files carry one
+    save_chat_files(tmp_path, SimpleNamespace(format="pretrain", template="alpaca"), tokenizer)
+    assert load_chat_template(tmp_path, tokenizer) is None
+    assert not (tmp_path / "chat_template.jinja").exists() and (tmp_path / "generation_config.json").exists()

@@ -205,15 +205,17 @@ def stop_token_ids(template: ChatTemplate | None, tokenizer) -> list[int]:
 # --- saved with the model ---------------------------------------------------------------------------------------
 
 def save_chat_files(directory: str | os.PathLike, data_cfg, tokenizer) -> None:
-    """Next to a saved model: ``chat_template.jinja`` and ``collie_template.json`` (instruction data only: the
-    template training used) and ``generation_config.json`` (BOS, EOS + end-of-turn ids, pad)."""
+    """Next to a saved model: ``chat_template.jinja`` (instruction data: the template training used),
+    ``collie_template.json`` (its name, or null after pretraining) and ``generation_config.json`` (BOS, EOS +
+    end-of-turn ids, pad)."""
     template = resolve_template(data_cfg.template, tokenizer) if data_cfg.format == "instruction" else None
     jinja = template.jinja(tokenizer) if template else None
+    info = {"template": None}  # pretraining: prompts are text to continue, whatever template the tokenizer has
     if jinja:
         Path(directory, CHAT_TEMPLATE_FILE).write_text(jinja, encoding="utf-8")
         info = {"template": template.name, "eos_after_response": template.eos_after_response,
                 "stop": list(template.stop)}
-        Path(directory, TEMPLATE_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    Path(directory, TEMPLATE_INFO_FILE).write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
     from transformers import GenerationConfig
     eos = stop_token_ids(template, tokenizer)
     GenerationConfig(bos_token_id=tokenizer.bos_token_id, eos_token_id=eos[0] if len(eos) == 1 else eos or None,
@@ -222,9 +224,12 @@ def save_chat_files(directory: str | os.PathLike, data_cfg, tokenizer) -> None:
 
 def load_chat_template(directory: str | os.PathLike, tokenizer) -> ChatTemplate | None:
     """The template a saved model was trained with: the registered one ``collie_template.json`` names, else
-    ``chat_template.jinja`` or the tokenizer's own chat template; None when there is none."""
+    ``chat_template.jinja`` or the tokenizer's own chat template; None when there is none or the model was
+    pretrained on plain text."""
     info_path, jinja_path = Path(directory, TEMPLATE_INFO_FILE), Path(directory, CHAT_TEMPLATE_FILE)
     info = json.loads(info_path.read_text(encoding="utf-8")) if info_path.is_file() else {}
+    if "template" in info and info["template"] is None:
+        return None  # trained on plain text
     jinja = jinja_path.read_text(encoding="utf-8") if jinja_path.is_file() else tokenizer.chat_template
     if info.get("template") in TEMPLATES and info["template"] != "tokenizer":
         return TEMPLATES[info["template"]]
