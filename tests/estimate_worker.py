@@ -20,6 +20,7 @@ from collie.estimate.counting import count_collective_bytes
 from collie.models import ModelArgs, build_model
 from collie.loss import causal_lm_loss_sum
 
+QUICKSTART = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "quickstart.yaml")
 BATCH, SEQ = 4, 16
 ARGS = dict(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=64)
@@ -123,36 +124,45 @@ def lomo_dp2_clip() -> dict:
 
 # --- collie.distributed layouts --------------------------------------------------------------------------
 
-def collie_layout(layout: dict) -> dict:
-    from collie.config import ParallelConfig
-    from collie.distributed import default_init_fn, init_parallel, parallelize, vocab_parallel_loss_sum
-    from collie.models import get_model_class
-    from collie.optim.registry import adamw
-    cfg = ParallelConfig(**{"timeout_s": 60, **{k: v for k, v in layout.items() if k not in HARNESS_KEYS}})
-    ctx = init_parallel(cfg, "cpu")
-    args = ModelArgs(**ARGS)
-    pm = parallelize(build_model(args, device="meta"), args, cfg, ctx, ctx.device,
-                     init_fn=default_init_fn(get_model_class(args.architecture), args, seed=0))
-    optimizer = adamw(pm.parameters(), lr=1e-3)
-    pm.prepare_optimizer(optimizer)
-    ids, labels = batch(ctx.dp_rank)
-    accum = layout.get("grad_accum", 1)
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=layout.get("precision") == "bf16")
+def collie_engine(layout: dict, arch: dict, micro_batch_size: int, seq_len: int, optim_args: dict | None = None):
+    """(ctx, engine) of collie for a layout, as ``build_engine`` makes it for a job: configs/quickstart.yaml with
+    the model ``arch``, AdamW (``optim_args``) without clipping, and the layout's keys."""
+    import dataclasses
+    import json
 
-    def step():
-        for i, (mb_ids, mb_labels) in enumerate(zip(ids.chunk(accum), labels.chunk(accum))):
-            if pm.runner is not None:
-                pm.runner.step(mb_ids, mb_labels, loss_denominator=float(ids.numel()))
-                continue
-            pm.set_gradient_sync(i == accum - 1)
-            with autocast:
-                logits = pm(mb_ids)
-            (vocab_parallel_loss_sum(logits, mb_labels) / ids.numel()).backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+    from collie.builders import build_model_args
+    from collie.config import CollieConfig
+    from collie.distributed import init_parallel
+    from collie.engine import build_engine
+    accum = layout.get("grad_accum", 1)
+    overrides = {**{f"parallel.{k}": v for k, v in {"timeout_s": 60, **layout}.items() if k not in HARNESS_KEYS},
+                 "model.arch": dataclasses.asdict(ModelArgs(**arch)), "optim.name": "adamw", "optim.lr": 1e-3,
+                 "optim.weight_decay": 0.0, "optim.clip_grad_norm": 0.0, "optim.args": optim_args or {},
+                 "train.seed": 0, "train.device": "cpu", "train.precision": layout.get("precision", "fp32"),
+                 "train.micro_batch_size": micro_batch_size // accum, "train.grad_accum_steps": accum,
+                 "data.seq_len": seq_len, "eval.batch_size": micro_batch_size}
+    cfg = CollieConfig.load(QUICKSTART, [f"{key}={json.dumps(value)}" for key, value in overrides.items()])
+    ctx = init_parallel(cfg.parallel, "cpu")
+    return ctx, build_engine(cfg, ctx, build_model_args(cfg.model))
+
+
+def engine_step(engine, ctx, ids, labels, accum: int = 1) -> None:
+    """One optimizer step of the engine over ``accum`` micro-batches, as the Trainer's ``train_fn`` runs it (the
+    loss normalised by this rank's token count: the denominator's own collective is left out of the count)."""
+    micro = [{"input_ids": i, "labels": t, "attention_mask": torch.ones_like(i)}
+             for i, t in zip(ids.chunk(accum), labels.chunk(accum))]
+    denominator = torch.tensor(float(ids.numel()))
+    engine.begin_step(len(micro))
+    loss = sum(engine.forward_backward(mb, denominator, last=i == len(micro) - 1) for i, mb in enumerate(micro))
+    engine.optimizer_step(ctx.dp_sum(loss))
+
+
+def collie_layout(layout: dict) -> dict:
+    ctx, engine = collie_engine(layout, ARGS, BATCH, SEQ)
+    ids, labels = batch(ctx.dp_rank)
     groups = {"dp": ctx.dp_group, "tp": ctx.tp_mesh.get_group(), "pp": ctx.pp_group}
     groups = {name: groups[name] for name in ("dp", "tp", "pp") if getattr(ctx, name) > 1}
-    result = counted(step, groups)
+    result = counted(lambda: engine_step(engine, ctx, ids, labels, layout.get("grad_accum", 1)), groups)
     result["pp_rank"] = ctx.pp_rank
     return result
 
@@ -170,26 +180,13 @@ MEMORY_BATCH, MEMORY_SEQ = 4, 64
 
 def collie_memory(layout: dict) -> dict:
     from torch.profiler import ProfilerActivity, profile
-
-    from collie.config import ParallelConfig
-    from collie.distributed import default_init_fn, init_parallel, parallelize, vocab_parallel_loss_sum
-    from collie.models import get_model_class
-    cfg = ParallelConfig(timeout_s=60, **layout)
-    ctx = init_parallel(cfg, "cpu")
-    args = ModelArgs(**MEMORY_ARGS)
-    pm = parallelize(build_model(args, device="meta"), args, cfg, ctx, ctx.device,
-                     init_fn=default_init_fn(get_model_class(args.architecture), args, seed=0))
-    optimizer = torch.optim.AdamW(pm.parameters(), lr=1e-3, foreach=False)  # no step temporaries to speak of
-    pm.prepare_optimizer(optimizer)
-    ids = torch.randint(0, args.vocab_size, (MEMORY_BATCH, MEMORY_SEQ), generator=torch.Generator().manual_seed(0))
+    # fused AdamW (collie's default on CUDA): no per-step foreach temporaries to speak of
+    ctx, engine = collie_engine(layout, MEMORY_ARGS, MEMORY_BATCH, MEMORY_SEQ, optim_args={"fused": True})
+    ids = torch.randint(0, MEMORY_ARGS["vocab_size"], (MEMORY_BATCH, MEMORY_SEQ),
+                        generator=torch.Generator().manual_seed(0))
 
     def step():
-        if pm.runner is not None:
-            pm.runner.step(ids, ids, loss_denominator=float(ids.numel()))
-        else:
-            (vocab_parallel_loss_sum(pm(ids), ids) / ids.numel()).backward()  # as the Trainer does
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        engine_step(engine, ctx, ids, ids)
     step()
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
@@ -198,9 +195,9 @@ def collie_memory(layout: dict) -> dict:
     for _, nbytes in events:
         current += nbytes
         peak = max(peak, current)
-    local = [p.to_local() if hasattr(p, "to_local") else p for p in pm.parameters()]
-    local += [t.to_local() if hasattr(t, "to_local") else t for s in optimizer.state.values() for t in s.values()
-              if torch.is_tensor(t) and t.dim() > 0]
+    local = [p.to_local() if hasattr(p, "to_local") else p for p in engine.parameters()]
+    local += [t.to_local() if hasattr(t, "to_local") else t for s in engine.optimizer.state.values()
+              for t in s.values() if torch.is_tensor(t) and t.dim() > 0]
     return {"peak_bytes": peak + sum(t.numel() * t.element_size() for t in local), "pp_rank": ctx.pp_rank}
 
 

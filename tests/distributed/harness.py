@@ -1,13 +1,18 @@
-"""Train the tiny GQA model for a few steps in a given parallel layout and report what happened.
+"""Train the tiny GQA model for a few steps in a given parallel layout through collie's engine and report what
+happened.
 
 Run as ranks (``run_distributed("tests/distributed/harness.py", N, ["dp2", "zero3", ...])``, or by hand:
 ``torchrun --standalone --nproc_per_node 2 tests/distributed/harness.py dp2 zero3``) or call
-``train_layout(LAYOUTS["single"], ctx)`` in one process for the reference. Every layout sees the same global
-batches (each dp rank takes its contiguous slice), the same initial weights and AdamW, with the loss normalised by
-the step's global token count, so losses, gradient norms and final weights must equal the one-process run.
+``train_layout(LAYOUTS["single"], ctx)`` in one process for the reference. Each layout is a job configuration
+(``job_config``: the quick start's, with this harness's model, AdamW and clipping) run by ``build_engine``, step by
+step as the Trainer's ``train_fn`` does. Every layout sees the same global batches (each dp rank takes its
+contiguous slice), the same initial weights (``train.seed``) and AdamW, with the loss normalised by the step's
+global token count, so losses, gradient norms and final weights must equal the one-process run.
 """
 from __future__ import annotations
 
+import dataclasses
+import json
 import os
 import sys
 import time
@@ -16,21 +21,23 @@ import traceback
 import torch
 import torch.distributed as dist
 
-from collie.config import ParallelConfig
-from collie.distributed import (clip_grad_norm_, default_init_fn, gather_full_state_dict, init_parallel,
-                                parallelize, vocab_parallel_loss_sum)
+from collie.builders import build_model_args
+from collie.config import CollieConfig, ParallelConfig
+from collie.distributed import init_parallel
 from collie.distributed.launch import write_rank_result
-from collie.models import ModelArgs, build_model, get_model_class
-from collie.optim.registry import adamw
+from collie.engine import build_engine
 from collie.loss import count_loss_tokens
+from collie.models import ModelArgs
 
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+QUICKSTART = os.path.join(ROOT, "configs", "quickstart.yaml")
 STEPS, GLOBAL_BATCH, SEQ, SEED, LR, EPS, MAX_NORM = 5, 8, 16, 1234, 1e-2, 1e-5, 0.5
 # AdamW's eps: with the default 1e-8 an update is lr·g/(|g|+eps), which turns fp32 summation-order noise of
 # ~1e-10 in the few near-zero gradient entries into ~1e-4 weight differences between layouts; 1e-5 keeps the
 # comparison about parallelism (max difference seen ≤ 8e-6 against the 1e-5 tolerance). MAX_NORM clips in
 # every step, so the global gradient norm must be right.
 
-# name -> ParallelConfig fields (+ harness options: grad_accum, activation_checkpointing, tie)
+# name -> parallel.* keys (+ harness options: grad_accum, activation_checkpointing, tie)
 LAYOUTS = {
     "single": {},
     "single_tied": {"tie": True},
@@ -64,6 +71,27 @@ def tiny_args(tie: bool = False) -> ModelArgs:
                      tie_word_embeddings=tie)
 
 
+def job_config(layout: dict) -> CollieConfig:
+    """The layout as a job: configs/quickstart.yaml with dotted overrides, as on the command line."""
+    grad_accum = layout.get("grad_accum", 1)
+    parallel = {"timeout_s": 60, **{k: v for k, v in layout.items() if k not in HARNESS_KEYS}}
+    per_rank = GLOBAL_BATCH // parallel.get("dp", 1)
+    overrides = {
+        **{f"parallel.{key}": value for key, value in parallel.items()},
+        "model.arch": dataclasses.asdict(tiny_args(layout.get("tie", False))),
+        "model.activation_checkpointing": layout.get("activation_checkpointing", "none"),
+        "optim.name": "adamw", "optim.lr": LR, "optim.args": {"eps": EPS}, "optim.weight_decay": 0.0,
+        "optim.clip_grad_norm": MAX_NORM, "optim.scheduler": "constant", "optim.warmup_steps": 0,
+        "train.seed": SEED, "train.device": "cpu", "train.micro_batch_size": per_rank // grad_accum,
+        "train.grad_accum_steps": grad_accum, "data.seq_len": SEQ, "eval.batch_size": per_rank,
+    }
+    return CollieConfig.load(QUICKSTART, [f"{key}={json.dumps(value)}" for key, value in overrides.items()])
+
+
+def parallel_config(layout: dict) -> ParallelConfig:
+    return job_config(layout).parallel
+
+
 def global_batches():
     """STEPS fixed (input_ids, labels) global batches; some labels are ignored so token counts differ by rank."""
     generator = torch.Generator().manual_seed(SEED)
@@ -77,8 +105,16 @@ def global_batches():
     return batches
 
 
-def parallel_config(layout: dict) -> ParallelConfig:
-    return ParallelConfig(**{"timeout_s": 60, **{k: v for k, v in layout.items() if k not in HARNESS_KEYS}})
+def rank_batch(ctx, ids, labels, mask=None) -> dict:
+    """This dp rank's contiguous slice of a global batch, as the engine takes it."""
+    mask = torch.ones_like(ids) if mask is None else mask
+    per_rank = GLOBAL_BATCH // ctx.dp
+    ids, labels, mask = (t[ctx.dp_rank * per_rank:(ctx.dp_rank + 1) * per_rank] for t in (ids, labels, mask))
+    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
+
+
+def split(batch: dict, n: int) -> list[dict]:
+    return [dict(zip(batch, parts)) for parts in zip(*(t.chunk(n) for t in batch.values()))]
 
 
 def local_bytes(tensors) -> int:
@@ -91,60 +127,41 @@ def local_bytes(tensors) -> int:
 
 def train_layout(layout: dict, ctx) -> dict:
     """Run STEPS optimizer steps; return losses, grad norms, per-rank memory and (rank 0) the full weights."""
-    cfg = parallel_config(layout)
-    grad_accum = layout.get("grad_accum", 1)
-    args = tiny_args(layout.get("tie", False))
-    model = build_model(args, device="meta")
-    init_fn = default_init_fn(get_model_class(args.architecture), args, seed=SEED)
-    pm = parallelize(model, args, cfg, ctx, ctx.device, init_fn=init_fn,
-                     activation_checkpointing=layout.get("activation_checkpointing", "none"))
-    optimizer = adamw(pm.parameters(), lr=LR, eps=EPS)
-    pm.prepare_optimizer(optimizer)
+    cfg = job_config(layout)
+    engine = build_engine(cfg, ctx, build_model_args(cfg.model))
     losses, norms, memory = [], [], {}
-    per_rank = GLOBAL_BATCH // ctx.dp
     for ids, labels in global_batches():
-        ids, labels = (t[ctx.dp_rank * per_rank:(ctx.dp_rank + 1) * per_rank] for t in (ids, labels))
-        micro = list(zip(ids.chunk(grad_accum), labels.chunk(grad_accum)))
-        denominator = ctx.dp_sum(count_loss_tokens(labels)).clamp(min=1).float()
-        step_loss = torch.zeros(())
-        for i, (mb_ids, mb_labels) in enumerate(micro):
-            if pm.runner is not None:
-                step_loss += pm.runner.step(mb_ids, mb_labels, loss_denominator=denominator)
-            else:
-                pm.set_gradient_sync(i == len(micro) - 1)
-                loss = vocab_parallel_loss_sum(pm(mb_ids), mb_labels) / denominator
-                loss.backward()
-                step_loss += loss.detach()
-        norms.append(clip_grad_norm_(pm.parameters(), MAX_NORM, ctx).item())
-        memory["grad_bytes"] = local_bytes(p.grad for p in pm.parameters() if p.grad is not None)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(ctx.dp_sum(step_loss).item())
-    eval_loss = {"unpadded": evaluate(pm, ctx, False),
-                 "padded": evaluate(pm, ctx, True)}
-    memory["param_bytes"] = local_bytes(pm.parameters())
-    memory["optimizer_bytes"] = local_bytes(v for state in optimizer.state.values() for v in state.values()
+        batch = rank_batch(ctx, ids, labels)
+        micro = split(batch, cfg.train.grad_accum_steps)
+        denominator = ctx.dp_sum(count_loss_tokens(batch["labels"])).clamp(min=1).float()
+        engine.begin_step(len(micro))
+        loss = sum(engine.forward_backward(mb, denominator, last=i == len(micro) - 1) for i, mb in enumerate(micro))
+        # the step's gradients (optimizer_step zeroes them; ZeRO-1 drops the unowned ones in its step pre-hook)
+        memory["grad_bytes"] = local_bytes(p.grad for p in engine.parameters() if p.grad is not None)
+        loss = ctx.dp_sum(loss)
+        result = engine.optimizer_step(loss)
+        assert result.finite, f"non-finite step: loss {float(loss)}, grad norm {result.grad_norm}"
+        losses.append(loss.item())
+        norms.append(result.grad_norm)
+    eval_loss = {"unpadded": evaluate(engine, ctx, False), "padded": evaluate(engine, ctx, True)}
+    memory["param_bytes"] = local_bytes(engine.parameters())
+    memory["optimizer_bytes"] = local_bytes(v for state in engine.optimizer.state.values() for v in state.values()
                                             if torch.is_tensor(v) and v.dim() > 0)
-    weights = gather_full_state_dict(pm)
+    weights = engine.full_state_dict()
     return {"losses": losses, "grad_norms": norms, "eval_loss": eval_loss, "memory": memory, "weights": weights}
 
 
 @torch.no_grad()
-def evaluate(pm, ctx, with_padding: bool) -> float:
+def evaluate(engine, ctx, with_padding: bool) -> float:
     """Summed token loss of one left-padded batch (global, summed over dp) without backward."""
     ids, labels = global_batches()[0]
     mask = torch.ones_like(ids)
     if with_padding:
         mask[::2, :3] = 0  # left padding in every other sequence: exercises the attention mask on every stage
         labels = labels.masked_fill(mask == 0, -100)
-    per_rank = GLOBAL_BATCH // ctx.dp
-    ids, labels, mask = (t[ctx.dp_rank * per_rank:(ctx.dp_rank + 1) * per_rank] for t in (ids, labels, mask))
-    pm.eval()
-    if pm.runner is not None:
-        loss = pm.runner.eval_forward(ids, labels, attention_mask=mask)
-    else:
-        loss = vocab_parallel_loss_sum(pm(ids, attention_mask=mask), labels)
-    pm.train()
+    engine.eval()
+    loss = engine.loss_sum(rank_batch(ctx, ids, labels, mask))
+    engine.train()
     return ctx.dp_sum(loss).item()
 
 

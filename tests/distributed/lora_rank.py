@@ -1,21 +1,28 @@
-"""LoRA training in parallel layouts, for ``test_lora_tp.py``: a rank script (``run_distributed(...,
-[layout, ...])``) or, called in one process, the reference. Every layout starts from the same weights and
-adapters, sees the same global batches (each dp rank takes its slice) and runs the same AdamW steps."""
+"""LoRA training in parallel layouts through collie's engine, for ``test_lora_tp.py``: a rank script
+(``run_distributed(..., [layout, ...])``) or, called in one process, the reference. Every layout is a job
+configuration (configs/quickstart.yaml with the tiny model, ``peft.method=lora`` and AdamW) built by
+``build_engine``: the same initial weights and adapters (``train.seed``), the same global batches (each dp rank
+takes its slice) and the same AdamW steps."""
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 import sys
 
 import torch
 import torch.distributed
 
-from collie.config import ParallelConfig
-from collie.distributed import gather_full_state_dict, init_parallel, parallelize, vocab_parallel_loss_sum
+from collie.builders import build_model_args
+from collie.config import CollieConfig
+from collie.distributed import init_parallel
 from collie.distributed.launch import write_rank_result
-from collie.models import ModelArgs, build_model
-from collie.optim.registry import adamw
-from collie.peft import apply_lora, trainable_parameters
+from collie.engine import build_engine
 from collie.loss import count_loss_tokens
+from collie.models import ModelArgs
 
+QUICKSTART = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                          "configs", "quickstart.yaml")
 # eps=1e-5 (as in harness.py): with 1e-8, Adam turns round-off in near-zero gradients into lr-sized steps
 STEPS, BATCH, SEQ, SEED, LR, EPS = 4, 4, 12, 1234, 1e-2, 1e-5
 LORA = dict(r=4, alpha=8.0, target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
@@ -30,35 +37,40 @@ def tiny_args() -> ModelArgs:
                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
 
 
-def initial_state() -> dict:
-    """The one-process model with LoRA, as a full CPU state dict (what rank 0 broadcasts)."""
-    model = build_model(tiny_args(), device="cpu", seed=SEED)
-    apply_lora(model, seed=SEED, **LORA)
-    return model.state_dict()
+def job_config(layout: str) -> CollieConfig:
+    """The layout as a job: LoRA on every linear, AdamW without clipping, a constant learning rate."""
+    parallel = {"timeout_s": 60, **LAYOUTS[layout]}
+    per_rank = BATCH // parallel.get("dp", 1)
+    overrides = {
+        **{f"parallel.{key}": value for key, value in parallel.items()},
+        "model.arch": dataclasses.asdict(tiny_args()),
+        **{f"peft.{key}": value for key, value in {"method": "lora", **LORA}.items()},
+        "optim.name": "adamw", "optim.lr": LR, "optim.args": {"eps": EPS}, "optim.weight_decay": 0.0,
+        "optim.clip_grad_norm": 0.0, "optim.scheduler": "constant", "optim.warmup_steps": 0,
+        "train.seed": SEED, "train.device": "cpu", "train.micro_batch_size": per_rank, "data.seq_len": SEQ,
+        "eval.batch_size": per_rank,
+    }
+    return CollieConfig.load(QUICKSTART, [f"{key}={json.dumps(value)}" for key, value in overrides.items()])
 
 
 def train(layout: str) -> dict:
     """STEPS AdamW steps of LoRA training: global losses, trainable names and (rank 0) the adapter weights."""
-    ctx = init_parallel(ParallelConfig(timeout_s=60, **LAYOUTS[layout]), "cpu")
-    model = build_model(tiny_args(), device="meta")
-    apply_lora(model, seed=SEED, **LORA)  # on meta: the factors get their values from initial_state
-    pm = parallelize(model, model.args, ctx.cfg, ctx, ctx.device, init_fn=initial_state)
-    optimizer = adamw(trainable_parameters(pm), lr=LR, eps=EPS)
+    cfg = job_config(layout)
+    ctx = init_parallel(cfg.parallel, "cpu")
+    engine = build_engine(cfg, ctx, build_model_args(cfg.model))
     generator = torch.Generator().manual_seed(SEED)
     losses, per_rank = [], BATCH // ctx.dp
     for _ in range(STEPS):
         ids = torch.randint(0, 128, (BATCH, SEQ), generator=generator)[ctx.dp_rank * per_rank:][:per_rank]
         denominator = ctx.dp_sum(count_loss_tokens(ids)).float()
-        if pm.runner is not None:
-            loss = pm.runner.step(ids, ids, loss_denominator=denominator)
-        else:
-            loss = vocab_parallel_loss_sum(pm(ids), ids) / denominator
-            loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        losses.append(ctx.dp_sum(loss).item())
-    trainable = sorted(name for name, p in pm.named_parameters() if p.requires_grad)
-    adapter = {k: v.tolist() for k, v in gather_full_state_dict(pm).items() if ".lora_" in k}
+        engine.begin_step(1)
+        loss = engine.forward_backward({"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)},
+                                       denominator, last=True)
+        loss = ctx.dp_sum(loss)
+        assert engine.optimizer_step(loss).finite
+        losses.append(loss.item())
+    trainable = sorted({name for part in engine.parts for name, p in part.named_parameters() if p.requires_grad})
+    adapter = {k: v.tolist() for k, v in engine.full_state_dict().items() if ".lora_" in k}
     return {"losses": losses, "trainable": trainable, "adapter": adapter}
 
 

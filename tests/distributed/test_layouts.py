@@ -1,5 +1,6 @@
-"""Every parallel layout trains the tiny GQA model exactly like one process: same losses, gradient norms and
-final weights after 5 AdamW steps (gloo on CPU).
+"""Every parallel layout trains the tiny GQA model exactly like one process: same losses, gradient norms,
+evaluation losses and final weights after 5 AdamW steps (gloo on CPU), each run by collie's engine
+(``harness.py`` builds it with ``build_engine`` from a job configuration and drives it as the Trainer does).
 
 Layouts that share a world size run in one launch of ``harness.py`` (one process start per rank instead of one
 per layout); each layout is still its own test. The 8-rank dp2×tp2×pp2 run is opt-in: COLLIE_TEST_8RANK=1.
