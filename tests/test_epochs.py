@@ -59,7 +59,8 @@ def test_eval_split_is_a_deterministic_partition():
 
 def test_trainer_runs_for_epochs_and_evaluates_the_held_out_split(tmp_path):
     cfg = config(tmp_path, "train.epochs=0.02", "train.max_steps=null", "train.micro_batch_size=16",
-                 "data.eval_files=[]", "data.eval_split=0.05", "eval.metrics=[perplexity]", "eval.before_training=false")
+                 "data.eval_files=[]", "data.eval_split=0.05", "eval.metrics=[perplexity]",
+                 "eval.before_training=false")
     trainer = Trainer(cfg)
     held_out = round(0.05 * TRAIN_RECORDS)
     assert (len(trainer.train_dataset), len(trainer.eval_dataset)) == (TRAIN_RECORDS - held_out, held_out)

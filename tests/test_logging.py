@@ -13,7 +13,8 @@ ENTRY = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (INFO|WARNING|ERROR) 
 
 def test_collie_train_into_a_file_writes_one_line_per_entry(tmp_path):
     out = tmp_path / "slurm.out"
-    overrides = ["train.max_steps=3", "train.log_every=1", "train.progress_bar=true", f"train.output_dir={tmp_path}/run",
+    overrides = ["train.max_steps=3", "train.log_every=1", "train.progress_bar=true",
+                 f"train.output_dir={tmp_path}/run",
                  "model.arch={num_hidden_layers: 1, hidden_size: 32, intermediate_size: 64}", "eval.max_batches=1",
                  "eval.every_steps=0", "eval.before_training=false", "eval.metrics=[perplexity]",
                  "checkpoint.save_final=false", "optim.warmup_steps=0"]
