@@ -67,6 +67,9 @@ class OptimConfig:
     name: str = _f("adamw", "optimizer name from the registry (adamw, lion, adan, sophia, lomo, adalomo, …)")
     lr: float = _f(1e-3, "peak learning rate", min=0.0)
     weight_decay: float = _f(0.0, "decoupled weight decay", min=0.0)
+    no_decay: list[str] = _f(["norm", "bias"], "kinds of parameters exempt from weight_decay, told by parameter "
+                                               "name: norm (normalisation gains), bias, embedding (the token and "
+                                               "tied embeddings); [] = decay every parameter")
     args: dict = _f({}, "further optimizer hyper-parameters, e.g. {betas: [0.9, 0.95], eps: 1e-8}")
     scheduler: Literal["constant", "linear", "cosine"] = _f("cosine", "learning-rate decay after warm-up")
     warmup_steps: int = _f(0, "linear warm-up steps", min=0)

@@ -122,6 +122,44 @@ def test_no_gradient_outlives_its_hook(options):
     assert opt.step().finite
 
 
+@pytest.mark.parametrize("name, options, passes", [
+    ("lomo", {}, 1), ("adalomo", {}, 1), ("lomo", {"clip_grad_value": 0.01}, 1), ("adalomo", {"clip_grad_value": 0.01}, 1),
+    ("lomo", {"clip_grad_norm": 1.0}, 2), ("adalomo", {"clip_grad_norm": 1.0}, 2), ("lomo", {"guard_nonfinite": True}, 2)])
+def test_one_backward_per_step_unless_the_global_norm_is_needed_first(name, options, passes):
+    """The default costs one backward: the norm pass runs only for norm clipping, fp16 scaling (below) or the
+    explicit all-or-nothing option. Each backward completes every parameter's gradient once."""
+    model = tiny_model()
+    calls = []
+    opt = OPTIMIZERS[name](model.parameters(), lr=0.01, **options)
+    for p in model.parameters():  # after the optimizer's hook: counts every pass, norm-only ones included
+        p.register_post_accumulate_grad_hook(lambda param: calls.append(param))
+    assert opt.needs_grad_norm_pass == (passes == 2)
+    for x, y in batches(3):
+        calls.clear()
+        opt.backward(loss_fn(model, x, y))
+        assert opt.step().finite
+        assert len(calls) == passes * len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("name", ["lomo", "adalomo"])
+def test_by_default_a_nonfinite_gradient_never_reaches_the_weights(name):
+    """The per-parameter guard of the one-backward default: the parameter with the inf gradient is untouched,
+    the others are updated, every weight stays finite and the next step trains normally."""
+    model = tiny_model()
+    opt = OPTIMIZERS[name](model.parameters(), lr=0.01)
+    before = weights(model)
+    (x, y), (x2, y2) = batches(2)
+    opt.backward(nonfinite_grad_loss(model, x, y))
+    result = opt.step()
+    assert not result.finite and result.partial
+    assert torch.equal(model[3].weight, before[4]) and not torch.equal(model[0].weight, before[0])
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert all(torch.isfinite(v).all() for state in opt.state.values() for v in state.values())
+    opt.backward(loss_fn(model, x2, y2))
+    assert opt.step().finite and not torch.equal(model[3].weight, before[4])
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
 def test_lr_comes_from_param_groups_so_schedulers_work():
     model = tiny_model()
     opt = Lomo(model.parameters(), lr=0.1)

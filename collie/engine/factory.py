@@ -15,7 +15,8 @@ def build_engine(cfg, ctx, model_args, model=None) -> Engine:
     """The engine of this rank: its model (``model``, or built from the config in its final placement), the
     optimizer over the trainable parameters, and the backend that runs them."""
     model = model if model is not None else build_model(cfg, model_args, ctx)
-    optimizer = build_optimizer(cfg, [p for p in model.parameters() if p.requires_grad])
+    # by name, so that optim.no_decay sorts each parameter into its group in every layout
+    optimizer = build_optimizer(cfg, [(n, p) for n, p in model.named_parameters() if p.requires_grad])
     if isinstance(model, ParallelModel):
         model.prepare_optimizer(optimizer)  # ZeRO-1 shards the optimizer state
     if cfg.parallel.engine == "deepspeed":

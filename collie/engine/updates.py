@@ -74,10 +74,10 @@ class FusedUpdate:
 
     def __init__(self, optimizer, cfg, ctx, fp16: bool):
         self.optimizer = optimizer
-        # all-or-nothing non-finite steps unless optim.args.guard_nonfinite=false (collie.optim.fused)
+        # one backward per step unless the global norm is needed first (LOMO's norm clipping, fp16); the
+        # two-pass all-or-nothing guard only with optim.args.guard_nonfinite=true, which the factory received
         optimizer.setup_training(dp_group=ctx.dp_group, grad_reduce="none",
-                                 loss_scaler=DynamicLossScaler() if fp16 else None,
-                                 guard_nonfinite=cfg.optim.args.get("guard_nonfinite", True))
+                                 loss_scaler=DynamicLossScaler() if fp16 else None)
 
     def begin(self, num_micro_batches: int) -> None:
         self.optimizer.begin_step(num_micro_batches)

@@ -2,13 +2,17 @@
 learning rate relative to RMS(θ). Matches ``lomo_optim.AdaLomo`` (without its fixed loss scale)."""
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch.distributed.tensor import DTensor
 
 from collie.optim.fused import FusedOptimizer, add_masked_, commit_, validate_fused_config
 from collie.optim.registry import register_optimizer
-from collie.optim.sharded import full_mean, full_rms, full_sum_of_squares, local_tensor, reduced_layout, \
-    reduced_placements
+from collie.optim.sharded import all_reduce_sum_, full_mean, full_rms, full_sum_of_squares, local_tensor, \
+    reduced_layout, reduced_placements
+
+logger = logging.getLogger("collie")
 
 
 class AdaLomo(FusedOptimizer):
@@ -46,7 +50,8 @@ class AdaLomo(FusedOptimizer):
             row_mean, col_mean = _grad_sq_means(grad, group["eps"][0], layout)
             new_row = local_tensor(state["exp_avg_sq_row"]) * beta2t + row_mean * (1.0 - beta2t)
             new_col = local_tensor(state["exp_avg_sq_col"]) * beta2t + col_mean * (1.0 - beta2t)
-            update = _approx_rsqrt_second_moment(new_row, new_col, reduced_layout(layout, -1)).mul_(grad)
+            row_factor, col_factor = _approx_rsqrt_second_moment(new_row, new_col, reduced_layout(layout, -1))
+            update = grad.mul_(row_factor).mul_(col_factor)  # in the gradient's buffer: no matrix-sized temporary
             new_state.update(exp_avg_sq_row=new_row, exp_avg_sq_col=new_col)
         else:
             grad_sq = grad.square().add_(group["eps"][0])
@@ -55,10 +60,9 @@ class AdaLomo(FusedOptimizer):
             new_state.update(exp_avg_sq=new_v)
         update_sq = full_sum_of_squares(update, layout)
         update_rms = (update_sq / layout.shape.numel()).sqrt()
-        update.div_((update_rms / group["clip_threshold"]).clamp(min=1.0))
-
         lr = group["lr"] * full_rms(param, layout).clamp(min=group["eps"][1])  # a 0-d tensor
-        delta = update.mul_(-lr)
+        # u / max(1, RMS(u)/clip_threshold) · (−lrₜ) in one pass over the update
+        delta = update.mul_(-lr / (update_rms / group["clip_threshold"]).clamp(min=1.0))
         if group["weight_decay"]:
             delta.addcmul_(param, lr, value=-group["weight_decay"])
         if guard is not None:
@@ -69,16 +73,20 @@ class AdaLomo(FusedOptimizer):
 
 
 def _grad_sq_means(grad, eps: float, layout):
-    """Row and column means of g² + eps over the full tensor (g² is freed before the update is built, so a
-    matrix costs two parameter-sized fp32 temporaries besides its gradient)."""
-    grad_sq = grad.square().add_(eps)
-    return full_mean(grad_sq, -1, layout), full_mean(grad_sq, -2, layout)
+    """Row and column means of g² + eps over the full tensor, from the row and column norms of g: no
+    parameter-sized temporary (the update is then built in the gradient's own buffer)."""
+    means = []
+    for dim in (-1, -2):
+        sum_sq = torch.linalg.vector_norm(grad, dim=dim, dtype=torch.float32).square_()
+        means.append(all_reduce_sum_(sum_sq, layout.dim_groups(dim)).div_(layout.shape[dim]).add_(eps))
+    return means
 
 
 def _approx_rsqrt_second_moment(row, col, row_layout):
-    """1/sqrt of the rank-1 estimate row⊗col / mean(row) (as fairseq/transformers Adafactor)."""
+    """1/sqrt of the rank-1 estimate row⊗col / mean(row) (as fairseq/transformers Adafactor), as its two
+    broadcastable factors (rows × 1, 1 × cols): the outer product is never materialised."""
     row_factor = (row / full_mean(row, -1, row_layout).unsqueeze(-1)).rsqrt_().unsqueeze(-1)
-    return row_factor * col.unsqueeze(-2).rsqrt()
+    return row_factor, col.unsqueeze(-2).rsqrt()
 
 
 def _zero_moment(param, dim: int):
@@ -101,6 +109,11 @@ def adalomo(params, lr: float, weight_decay: float = 0.0, eps: tuple = (1e-30, 1
             decay_rate: float = -0.8, clip_grad_norm: float = 0.0, clip_grad_value: float = 0.0,
             guard_nonfinite: bool = False) -> AdaLomo:
     """AdaLomo; clip_grad_norm / clip_grad_value come from optim.clip_grad_norm / optim.clip_grad_value."""
+    if clip_grad_norm > 0:
+        logger.warning("adalomo with optim.clip_grad_norm=%g: each single-micro-batch step runs an extra "
+                       "norm-only backward; AdaLomo already normalises every update (clip_threshold), and its "
+                       "authors recommend it without gradient-norm clipping: set optim.clip_grad_norm=0 for one "
+                       "backward per step", clip_grad_norm)
     return AdaLomo(params, lr=lr, weight_decay=weight_decay, eps=eps, clip_threshold=clip_threshold,
                    decay_rate=decay_rate, clip_grad_norm=clip_grad_norm, clip_grad_value=clip_grad_value,
                    guard_nonfinite=guard_nonfinite)

@@ -21,31 +21,34 @@ Contract with the training loop (classic optimizers keep ``loss.backward(); clip
 
 What ``backward`` does:
 
-* ``num_micro_batches == 1``: the hooks update during backward. When the global gradient norm is needed
-  (``needs_grad_norm_pass``: ``clip_grad_norm > 0``, a loss scaler, or ``guard_nonfinite``), a first backward
-  with ``retain_graph=True`` only accumulates Σ‖g‖² (gradients freed one by one), then the update backward
-  runs with the clip coefficient. Cost: one extra backward per step, the graph kept until the second one,
-  and the data-parallel all-reduce done twice.
+* ``num_micro_batches == 1``: the hooks update during backward — ONE backward per step, the default. Only when
+  the global gradient norm is needed before the first update (``needs_grad_norm_pass``: ``clip_grad_norm > 0``,
+  a loss scaler, or the opt-in ``guard_nonfinite``) does a first backward with ``retain_graph=True`` only
+  accumulate Σ‖g‖² (gradients freed one by one) before the update backward runs with the clip coefficient.
+  Cost: one extra backward per step, the graph kept until the second one, and the data-parallel all-reduce
+  done twice. AdaLomo normalises each update by its own RMS (``clip_threshold``, the paper's grouped update
+  normalisation), so it needs no norm clipping and by default no norm pass.
 * ``num_micro_batches > 1``: gradients accumulate in ``.grad`` over all micro-batches (the memory of a full
   gradient is then unavoidable); ``step()`` takes them, computes the norm, checks finiteness and updates.
   The result equals one batch ``num_micro_batches`` times larger, with no extra backward.
 
-Non-finite steps. A step whose loss or gradients turn out non-finite must leave weights and optimizer state
-unchanged bit for bit, yet here a parameter is updated as soon as its own gradient exists, possibly before a
-later parameter's gradient turns out non-finite. Three guards, in order of cost:
+Non-finite steps. A step whose loss or gradients turn out non-finite should leave weights and optimizer state
+unchanged, yet here a parameter is updated as soon as its own gradient exists, possibly before a later
+parameter's gradient turns out non-finite. Three guards, in order of cost:
 
-1. ``backward`` checks the loss before any backward (one sync over dp): a non-finite loss skips the step.
+1. ``backward`` checks the loss before any backward (one sync over dp): a non-finite loss skips the step,
+   all-or-nothing, always.
 2. When the global gradient norm is known before any update (the norm pass, or accumulation), a non-finite
    norm skips the whole step: all-or-nothing.
-3. Otherwise each gradient is checked on arrival (no sync) and a non-finite one leaves its parameter and state
-   unchanged, but parameters updated earlier in the same backward keep their update: ``step()`` then reports
-   ``finite=False, partial=True``.
+3. Otherwise (the default of a single-micro-batch step without norm clipping or fp16) each gradient is checked
+   on arrival (no sync) and a non-finite one leaves its parameter and state unchanged, so weights never become
+   non-finite; but parameters updated earlier in the same backward keep their update: ``step()`` then reports
+   ``finite=False, partial=True`` and the Trainer counts the step as skipped and logs it as partial.
 
 A rollback of case 3 would need a copy of every weight and its state (the memory LOMO exists to save), and
-deferring the updates would need every gradient (the same). So all-or-nothing is bought with the norm pass:
-``guard_nonfinite=True`` runs it also when neither clipping nor fp16 needs it, at the cost of one extra
-backward per single-micro-batch step. The Trainer turns it on (``setup_training(guard_nonfinite=True)``)
-unless ``optim.args.guard_nonfinite=false`` opts out of the guarantee for speed.
+deferring the updates would need every gradient (the same). So all-or-nothing in case 3 is bought with the
+norm pass: ``guard_nonfinite=True`` (``optim.args.guard_nonfinite=true``) runs it also when neither clipping
+nor fp16 needs it, at the cost of one extra backward per single-micro-batch step (about 1.5× the step time).
 """
 from __future__ import annotations
 
@@ -140,7 +143,8 @@ class FusedOptimizer(torch.optim.Optimizer):
         all-reduce each gradient over it: "sum" when the loss is already divided by the global token count,
         "avg" otherwise, "none" when FSDP2 ``replicate``/``fully_shard`` reduces before calling the hooks. The
         group is also used to agree on skipping a step. ``loss_scaler``: required for fp16. ``guard_nonfinite``:
-        all-or-nothing steps (see the module docstring); None keeps the constructor's choice."""
+        all-or-nothing steps at the cost of a norm pass (see the module docstring); None keeps the
+        constructor's choice (False unless ``optim.args.guard_nonfinite=true``)."""
         if grad_reduce not in ("sum", "avg", "none"):
             raise ValueError(f"grad_reduce={grad_reduce!r}; choose sum, avg or none")
         self.dp_group, self.grad_reduce, self.loss_scaler = dp_group, grad_reduce, loss_scaler
@@ -308,9 +312,14 @@ class FusedOptimizer(torch.optim.Optimizer):
 
 def add_masked_(target: torch.Tensor, delta: torch.Tensor, guard) -> None:
     """``target += delta`` (in fp32 arithmetic, rounded to target's dtype), unless ``guard`` is False: then
-    ``delta`` (possibly non-finite) is zeroed in place first. No sync and no allocation."""
+    ``delta`` (possibly non-finite) is zeroed in place first, without a sync and without an allocation. A
+    guard on the CPU is read instead (free there), which saves the masking pass over ``delta``."""
     if guard is not None:
-        delta.masked_fill_(~guard, 0.0)
+        if guard.device.type == "cpu":
+            if not bool(guard):
+                return
+        else:
+            delta.masked_fill_(~guard, 0.0)
     target.add_(delta)
 
 

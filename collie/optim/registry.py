@@ -6,6 +6,10 @@ config load, so a hyper-parameter the optimizer does not take fails before any p
 that declares ``clip_grad_norm`` / ``clip_grad_value`` (fused optimizers clip inside backward) receives
 ``optim.clip_grad_norm`` / ``optim.clip_grad_value``. ``register_optimizer(name, validate=fn)`` adds a
 config-load check ``fn(cfg)`` for combinations the optimizer cannot run with.
+
+``build_optimizer`` hands every factory torch param groups (``collie.optim.param_groups``): ``decay`` and
+``no_decay`` (weight decay 0 for the kinds in ``optim.no_decay``), so a factory must pass ``params`` on to a
+``torch.optim.Optimizer`` as it is rather than treat it as a list of tensors.
 """
 from __future__ import annotations
 
@@ -15,13 +19,14 @@ from typing import Callable
 import torch
 
 from collie.errors import ConfigError
+from collie.optim.param_groups import NO_DECAY_KINDS, param_groups
 from collie.schema import suggest
 
 _OPTIMIZERS: dict[str, Callable] = {}
 _VALIDATORS: dict[str, Callable] = {}
 _FUSED: set[str] = set()
 # keys set as optim.<key>, never inside optim.args; the clip keys reach factories that declare them
-_SECTION_KEYS = ("lr", "weight_decay", "clip_grad_norm", "clip_grad_value")
+_SECTION_KEYS = ("lr", "weight_decay", "clip_grad_norm", "clip_grad_value", "no_decay")
 
 
 def register_optimizer(name: str, validate: Callable | None = None, fused: bool = False):
@@ -68,6 +73,10 @@ def validate_optimizer_config(cfg) -> None:
     """Config-load check: the name is registered, every key of ``optim.args`` is accepted, and the optimizer's
     own ``validate`` (if any) accepts the whole configuration."""
     factory = get_optimizer_factory(cfg.optim.name)
+    unknown = [kind for kind in cfg.optim.no_decay if kind not in NO_DECAY_KINDS]
+    if unknown:
+        raise ConfigError(f"optim.no_decay: unknown kind {unknown[0]!r}{suggest(unknown[0], NO_DECAY_KINDS)}; "
+                          f"choose from {', '.join(NO_DECAY_KINDS)}")
     allowed = accepted_args(factory)
     for key in cfg.optim.args:
         if key in _SECTION_KEYS:
@@ -117,9 +126,16 @@ def _like(default, value):
 
 
 def build_optimizer(cfg, params) -> torch.optim.Optimizer:
+    """The optimizer of ``cfg.optim`` over ``params``: ``(name, parameter)`` pairs (``named_parameters()`` of
+    the model or of this rank's pipeline stages, trainable ones only) are split into the ``decay`` and
+    ``no_decay`` groups of ``optim.no_decay``; plain parameters (no names) make one group with
+    ``optim.weight_decay``."""
     factory = get_optimizer_factory(cfg.optim.name)
     declared = accepted_args(factory) or set()
     clipping = {key: getattr(cfg.optim, key) for key in ("clip_grad_norm", "clip_grad_value") if key in declared}
+    params = list(params)
+    if params and isinstance(params[0], tuple):
+        params = param_groups(params, cfg.optim.no_decay, cfg.optim.weight_decay)
     return factory(params, lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay, **clipping, **cfg.optim.args)
 
 
@@ -129,6 +145,7 @@ def adamw(params, lr: float, weight_decay: float = 0.0, betas=(0.9, 0.999), eps:
     """torch AdamW; fused kernel on CUDA, foreach elsewhere."""
     params = list(params)
     if fused is None:
-        fused = all(p.is_cuda for p in params)
+        tensors = [p for item in params for p in (item["params"] if isinstance(item, dict) else [item])]
+        fused = all(p.is_cuda for p in tensors)
     return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, betas=tuple(betas), eps=eps,
                              fused=fused, foreach=None if fused else True)

@@ -2,9 +2,11 @@
 bit (or the run stops, per train.on_nonfinite) — also for LOMO/AdaLomo, which update inside backward.
 
 The hard case for the fused optimizers is a finite loss whose NaN shows up only in the gradient of the parameter
-that backward reaches last (the embedding), after every other parameter's hook has run. The Trainer makes those
-steps all-or-nothing with the gradient-norm pass (collie/optim/fused.py); ``optim.args.guard_nonfinite=false``
-opts out, and then the same fault leaves a partially updated model, which shows the fault is the hard case.
+that backward reaches last (the embedding), after every other parameter's hook has run. By default LOMO/AdaLomo run
+ONE backward per step and guard each parameter on its own: the weights stay finite, the step is counted as skipped
+and logged as partial, but parameters updated before the NaN keep their update. ``optim.args.guard_nonfinite=true``
+buys all-or-nothing steps with a norm-only backward first (collie/optim/fused.py). A non-finite loss, and any
+step with gradient accumulation, are all-or-nothing without it.
 """
 import copy
 
@@ -78,13 +80,18 @@ def train(tmp_path, kind, *extra):
     return trainer, snapshots.at
 
 
-CASES = [("adamw", 1, "loss"), ("adamw", 1, "late_grad"), ("lomo", 1, "late_grad"), ("adalomo", 1, "late_grad"),
-         ("adalomo", 2, "late_grad"), ("adalomo", 2, "loss"), ("lomo", 1, "loss")]
+ALL_OR_NOTHING = "optim.args={guard_nonfinite: true}"
+# (optimizer, micro-batches per step, fault, extra overrides): the fused optimizers' single-micro-batch steps need
+# the explicit all-or-nothing option for a late NaN; a NaN loss and accumulated steps are all-or-nothing by default
+CASES = [("adamw", 1, "loss", ()), ("adamw", 1, "late_grad", ()), ("lomo", 1, "late_grad", (ALL_OR_NOTHING,)),
+         ("adalomo", 1, "late_grad", (ALL_OR_NOTHING,)), ("adalomo", 2, "late_grad", ()), ("adalomo", 2, "loss", ()),
+         ("lomo", 1, "loss", ())]
 
 
-@pytest.mark.parametrize("optimizer, accum, kind", CASES)
-def test_nonfinite_step_is_skipped_bit_for_bit(tmp_path, optimizer, accum, kind):
-    extra = [f"optim.name={optimizer}", f"train.grad_accum_steps={accum}", f"train.micro_batch_size={8 // accum}"]
+@pytest.mark.parametrize("optimizer, accum, kind, options", CASES)
+def test_nonfinite_step_is_skipped_bit_for_bit(tmp_path, optimizer, accum, kind, options):
+    extra = [f"optim.name={optimizer}", f"train.grad_accum_steps={accum}", f"train.micro_batch_size={8 // accum}",
+             *options]
     trainer, at = train(tmp_path, kind, *extra)
     log = (tmp_path / "train.log").read_text()
     before, after, later = at[POISON_STEP - 1], at[POISON_STEP], at[POISON_STEP + 1]
@@ -97,15 +104,55 @@ def test_nonfinite_step_is_skipped_bit_for_bit(tmp_path, optimizer, accum, kind)
     assert all(torch.isfinite(v).all() for v in later[0].values())
 
 
-@pytest.mark.parametrize("optimizer", ["adalomo"])
-def test_without_the_guard_a_late_nan_leaves_a_partial_update(tmp_path, optimizer):
-    """The opt-out shows the fault above is the hard case: other parameters were already updated."""
-    trainer, at = train(tmp_path, "late_grad", f"optim.name={optimizer}", "optim.args={guard_nonfinite: false}")
+@pytest.mark.parametrize("optimizer", ["lomo", "adalomo"])
+def test_by_default_a_late_nan_leaves_finite_weights_and_a_counted_partial_step(tmp_path, optimizer):
+    """The default (one backward per step) shows the fault above is the hard case: other parameters were
+    already updated. The NaN parameter and its state are untouched, no weight becomes non-finite, and the step
+    is counted as skipped and logged as partial."""
+    trainer, at = train(tmp_path, "late_grad", f"optim.name={optimizer}")
     log = (tmp_path / "train.log").read_text()
-    before, after = at[POISON_STEP - 1][0], at[POISON_STEP][0]
-    assert bitwise_equal(before["model.embed_tokens.weight"], after["model.embed_tokens.weight"])
-    assert not bitwise_equal(before["lm_head.weight"], after["lm_head.weight"])
-    assert "after some parameters were updated" in log
+    before, after, later = at[POISON_STEP - 1], at[POISON_STEP], at[POISON_STEP + 1]
+    assert bitwise_equal(before[0]["model.embed_tokens.weight"], after[0]["model.embed_tokens.weight"])
+    assert not bitwise_equal(before[0]["lm_head.weight"], after[0]["lm_head.weight"])
+    assert all(torch.isfinite(v).all() for snapshot in (after, later) for v in snapshot[0].values())
+    assert all(torch.isfinite(v).all() for state in after[1].values() for v in state.values() if torch.is_tensor(v))
+    assert trainer.state.skipped_steps == 1 and after[3]["skipped_steps"] == 1
+    assert "after some parameters were updated" in log and f"step {POISON_STEP}: non-finite" in log
+    assert not bitwise_equal(after[0], later[0]), "training did not continue after the partial step"
+
+
+class BackwardCounter(Callback):
+    """How many times each parameter's gradient was completed in each step: the number of backward passes
+    (the counting hook is registered after the optimizer's, so it runs whether or not that one updates)."""
+
+    def __init__(self):
+        self.per_step, self.calls, self.params = [], 0, None
+
+    def on_step_begin(self, trainer):
+        if self.params is None:
+            self.params = [p for p in trainer.model.parameters() if p.requires_grad]
+            for p in self.params:
+                p.register_post_accumulate_grad_hook(self._count)
+        self.calls = 0
+
+    def _count(self, param):
+        self.calls += 1
+
+    def on_step_end(self, trainer, metrics):
+        self.per_step.append(self.calls / len(self.params))
+
+
+@pytest.mark.parametrize("optimizer, extra, passes", [
+    ("lomo", (), 1), ("adalomo", (), 1), ("adalomo", ("optim.clip_grad_value=0.5",), 1),
+    ("lomo", ("optim.clip_grad_norm=1.0",), 2), ("lomo", (ALL_OR_NOTHING,), 2),
+    ("adalomo", ("train.grad_accum_steps=2", "train.micro_batch_size=4"), 2)])  # 2 micro-batches, 1 backward each
+def test_fused_optimizers_run_one_backward_per_step_by_default(tmp_path, optimizer, extra, passes):
+    cfg = CollieConfig.load(QUICKSTART, overrides(tmp_path, "train.max_steps=2", "optim.clip_grad_norm=0",
+                                                  "optim.args={}", "data.eval_files=[]", f"optim.name={optimizer}",
+                                                  *extra))
+    counter = BackwardCounter()
+    Trainer(cfg, callbacks=[counter]).fit()
+    assert counter.per_step == [passes, passes]
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "adalomo"])
