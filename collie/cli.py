@@ -2,8 +2,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+
+import yaml
 
 from collie.errors import CollieError
 
@@ -117,7 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("model", help="Hugging Face model or LoRA adapter directory (e.g. OUTPUT_DIR/final)")
     gen.add_argument("--prompt", action="append", required=True, help="a prompt (repeat for a batch)")
     gen.add_argument("--tokenizer", help="tokenizer path if not in the model directory")
-    gen.add_argument("--max-new-tokens", type=int, default=32, help="tokens to generate at most per prompt")
+    gen.add_argument("--max-new-tokens", type=positive_int, default=32, help="tokens to generate at most per "
+                                                                           "prompt (>= 1)")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]")
     gen.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
@@ -174,7 +178,14 @@ def _dispatch(argv: list[str]) -> int:
     try:
         return args.run(args)
     except CollieError as e:
-        print(f"collie: error: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"collie: error: {type(e).__name__}: {one_line(e)}", file=sys.stderr)
+        return 2
+    except (OSError, ValueError, RecursionError, yaml.YAMLError) as e:
+        # a safety net for what collie's own checks missed: a file that cannot be read or decoded. A ValueError
+        # or RecursionError raised outside the readers of user input keeps its traceback: it is a bug.
+        if isinstance(e, (ValueError, RecursionError)) and not _from_user_input(e):
+            raise
+        print(f"collie: error: {_input_error(e)}", file=sys.stderr)
         return 2
     except RuntimeError as e:
         if not _lost_peer(e):
@@ -183,6 +194,49 @@ def _dispatch(argv: list[str]) -> int:
         print(f"collie: error: rank {os.environ.get('RANK', '0')} lost a peer in a collective ({first_line}); "
               f"another rank failed first: its log (and torchrun's summary) says why", file=sys.stderr)
         return 1
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not >= 1")
+    return value
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message on one line (a message from a library may span several)."""
+    return " ".join(str(error).split()) or type(error).__name__
+
+
+# modules that read files the user names (configs, data, tokenizers, models, adapters) and the parsers they use
+USER_INPUT_MODULES = ("collie.config", "collie.schema", "collie.data.", "collie.models.hf_io", "collie.peft.",
+                      "json", "yaml", "codecs", "encodings.")
+
+
+def _from_user_input(error: BaseException) -> bool:
+    """Whether ``error`` was raised while collie read the user's files (not by a bug elsewhere)."""
+    if isinstance(error, (UnicodeDecodeError, json.JSONDecodeError)):
+        return True
+    tb, modules = error.__traceback__, []
+    while tb is not None:
+        modules.append(tb.tb_frame.f_globals.get("__name__", ""))
+        tb = tb.tb_next
+    return bool(modules) and modules[-1].startswith(USER_INPUT_MODULES)
+
+
+def _input_error(error: BaseException) -> str:
+    """One line for an error raised while reading user input."""
+    if isinstance(error, OSError) and error.filename is not None:
+        return f"{type(error).__name__}: cannot use '{error.filename}': {error.strerror or one_line(error)}"
+    if isinstance(error, UnicodeDecodeError):
+        return f"a file is not UTF-8 text ({one_line(error)}); save it as UTF-8"
+    if isinstance(error, RecursionError):
+        return "an input file is nested too deeply to read (RecursionError); check the JSON/YAML files given"
+    return f"{type(error).__name__}: {one_line(error)}"
 
 
 def _lost_peer(error: RuntimeError) -> bool:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import logging
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
@@ -18,6 +20,8 @@ import yaml
 
 from collie.errors import ConfigError
 from collie.schema import from_dict, suggest
+
+logger = logging.getLogger("collie")
 
 
 def _f(default, help: str, **bounds):
@@ -65,7 +69,7 @@ class ParallelConfig:
 class OptimConfig:
     """Optimizer and learning-rate schedule."""
     name: str = _f("adamw", "optimizer name from the registry (adamw, lion, adan, sophia, lomo, adalomo, …)")
-    lr: float = _f(1e-3, "peak learning rate", min=0.0)
+    lr: float = _f(1e-3, "peak learning rate (finite, > 0)", greater_than=0.0)
     weight_decay: float = _f(0.0, "decoupled weight decay", min=0.0)
     no_decay: list[str] = _f(["norm", "bias"], "kinds of parameters exempt from weight_decay, told by parameter "
                                                "name: norm (normalisation gains), bias, embedding (the token and "
@@ -113,7 +117,8 @@ class DataConfig:
     cache_dir: Optional[str] = _f(None, "pretrain: where tokenized corpora are cached and memory-mapped; null = "
                                         "<train.output_dir>/data_cache (point runs at one directory to share it)")
     skip_malformed: bool = _f(False, "pretrain: skip malformed records (bad JSON, missing text field) and count "
-                                     "them (reported) instead of failing; instruction data always fail on one")
+                                     "them (reported) instead of failing; refused with data.format=instruction, "
+                                     "which always fails on one")
     pad_to_multiple_of: Optional[int] = _f(None, "round padded batch length up to a multiple of this", min=1)
     shuffle: bool = _f(True, "shuffle the training data each epoch")
     eval_split: Optional[float] = _f(None, "hold out part of the training data as evaluation data: a fraction in "
@@ -137,7 +142,7 @@ class TrainConfig:
     micro_batch_size: int = _f(8, "sequences per forward pass on each data-parallel rank", min=1)
     grad_accum_steps: int = _f(1, "micro-batches accumulated into one optimizer step", min=1)
     precision: Literal["fp32", "bf16", "fp16"] = _f("fp32", "compute precision (autocast for bf16/fp16)")
-    seed: int = _f(42, "random seed (model init, data order, dropout)")
+    seed: int = _f(42, "random seed (model init, data order, dropout)", min=0, max=2**63 - 1)
     device: Literal["auto", "cpu", "cuda"] = _f("auto", "auto = cuda when available, else cpu")
     log_every: int = _f(10, "write a log line and metrics every n steps", min=1)
     on_nonfinite: Literal["skip", "stop"] = _f("skip", "a non-finite loss: skip the step or stop the run")
@@ -238,10 +243,17 @@ def read_yaml(path: str, what: str = "config file", expected: str = f"sections (
     if not os.path.isfile(path):
         raise ConfigError(f"{what} '{path}' does not exist")
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             data = yaml.safe_load(f)
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{what} '{path}' is not UTF-8 text (byte {e.object[e.start]:#04x} at offset "
+                          f"{e.start}); save it as UTF-8") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{what} '{path}' is not valid YAML: {e}") from None
+        raise ConfigError(f"{what} '{path}' is not valid YAML: {' '.join(str(e).split())}") from None
+    except RecursionError:
+        raise ConfigError(f"{what} '{path}' is nested too deeply to be a configuration") from None
+    except OSError as e:
+        raise ConfigError(f"{what} '{path}' cannot be read: {e.strerror}") from None
     if data is not None and not isinstance(data, dict):
         raise ConfigError(f"{what} '{path}' must hold a mapping of {expected}")
     return data or {}
@@ -285,12 +297,14 @@ def _check_model_arch(cfg: CollieConfig) -> None:
 def _check_card_and_arch(model) -> None:
     """The card exists and ``model.arch`` makes a valid architecture with it (what the Trainer will build)."""
     from collie.builders import build_model_args
+    from collie.models.hf_io import check_model_sizes
     try:
-        build_model_args(model)
+        args = build_model_args(model)
     except ConfigError as e:
         if "model.arch" in str(e):
             raise
         raise ConfigError(f"model.card={model.card!r} (model.arch={model.arch}): {e}") from None
+    check_model_sizes(args, "model.arch" if model.arch else f"model.card={model.card!r}:")
 
 
 def _check_parallel(cfg: CollieConfig) -> None:
@@ -301,6 +315,33 @@ def _check_parallel(cfg: CollieConfig) -> None:
 def _check_optim(cfg: CollieConfig) -> None:
     from collie.optim import validate_optimizer_config
     validate_optimizer_config(cfg)
+    _check_optim_numbers(cfg.optim.args)
+    if cfg.train.max_steps is not None and cfg.optim.warmup_steps > cfg.train.max_steps:  # a warning, not an error: short smoke runs of any config
+        logger.warning("optim.warmup_steps=%d exceeds train.max_steps=%d: the learning rate rises for the whole run "
+                       "and never reaches optim.lr=%g (fine for a smoke test; otherwise lower optim.warmup_steps)",
+                       cfg.optim.warmup_steps, cfg.train.max_steps, cfg.optim.lr)
+
+
+def _check_optim_numbers(args: dict) -> None:
+    """Numbers in ``optim.args`` are finite; ``betas`` lie in [0, 1) and ``eps`` is > 0 (every registered
+    optimizer reads them so)."""
+    def numbers(value, path):
+        if isinstance(value, (list, tuple)):
+            for i, item in enumerate(value):
+                yield from numbers(item, f"{path}[{i}]")
+        elif isinstance(value, (int, float, str)) and not isinstance(value, bool):
+            try:
+                yield path, float(value)
+            except (ValueError, OverflowError):
+                pass  # not a number: the optimizer's own check names it
+    for key, value in args.items():
+        for path, number in numbers(value, f"optim.args.{key}"):
+            if not math.isfinite(number):
+                raise ConfigError(f"{path}={value!r} is not a finite number; give a finite value")
+            if key == "betas" and not 0.0 <= number < 1.0:
+                raise ConfigError(f"{path}={number} is out of range: betas must lie in [0, 1), e.g. [0.9, 0.95]")
+            if key == "eps" and not number > 0.0:
+                raise ConfigError(f"{path}={number} is out of range: must be > 0, e.g. 1e-8")
 
 
 def _check_peft(cfg: CollieConfig) -> None:
@@ -311,6 +352,10 @@ def _check_peft(cfg: CollieConfig) -> None:
 def _check_data(cfg: CollieConfig) -> None:
     if not cfg.data.train_files:
         raise ConfigError("data.train_files is empty: name at least one training file")
+    if cfg.data.skip_malformed and cfg.data.format == "instruction":
+        raise ConfigError("data.skip_malformed=true skips malformed pretraining records only; instruction data "
+                          "fail on the first malformed record (named with its file and line): fix or remove it "
+                          "and set data.skip_malformed=false")
     if cfg.data.document_masking and cfg.data.format == "instruction" and not cfg.data.pack:
         raise ConfigError("data.document_masking=true separates packed documents; with data.format=instruction "
                           "set data.pack=true as well")
@@ -360,6 +405,25 @@ def check_eval_split(eval_split: float | None, eval_files: list) -> None:
     if eval_files:
         raise ConfigError("data.eval_split and data.eval_files both name evaluation data: keep one of them "
                           "(data.eval_files=[] to hold out part of the training data)")
+
+
+def check_output_dir(cfg: CollieConfig) -> None:
+    """What can be known about ``train.output_dir`` without writing to it: it (and its ``checkpoints/``) is a
+    directory if it exists, and the nearest existing directory on its path can be written to."""
+    output_dir = cfg.train.output_dir
+    for path, key in ((output_dir, "train.output_dir"), (os.path.join(output_dir, "checkpoints"),
+                                                           "train.output_dir/checkpoints")):
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise ConfigError(f"{key}={path} exists and is not a directory; choose another train.output_dir or "
+                              f"move the file away")
+    existing = os.path.abspath(output_dir)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise ConfigError(f"train.output_dir={output_dir}: {existing} is a file, not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"train.output_dir={output_dir}: {existing} is not writable; choose a directory you "
+                          f"can write to")
 
 
 VALIDATORS: list[Any] = [_check_model_arch, _check_parallel, _check_optim, _check_peft, _check_data, _check_monitor]

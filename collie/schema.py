@@ -6,17 +6,21 @@ their documentation and bounds in ``field(metadata=...)``:
     lr: float = field(default=1e-3, metadata={"help": "peak learning rate", "min": 0.0})
 
 ``from_dict`` checks keys (with a "did you mean" suggestion), types (``Literal`` choices, ``Optional``,
-``list[...]``, ``dict``, nested dataclasses) and the ``min``/``max`` bounds.
+``list[...]``, ``dict``, nested dataclasses) and the ``min``/``max`` bounds (``greater_than``: an exclusive
+lower bound). Floats must be finite: YAML's ``.nan`` and ``.inf`` are refused wherever a number is expected.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from typing import Any, Literal, Union
 
 from collie.errors import ConfigError
+
+INT64_MAX = 2**63 - 1
 
 
 def suggest(name: str, choices) -> str:
@@ -45,7 +49,11 @@ def coerce(tp, value: Any, path: str, metadata=None):
     """Check ``value`` against the annotation ``tp`` (converting int→float and YAML lists), or raise."""
     value = _coerce_type(tp, value, path)
     metadata = metadata or {}
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > INT64_MAX:
+        raise ConfigError(f"{path}={value} is out of range: integers must fit in 64 bits (|value| <= {INT64_MAX})")
     if isinstance(value, (int, float)) and not isinstance(value, bool):
+        if "greater_than" in metadata and not value > metadata["greater_than"]:
+            raise ConfigError(f"{path}={value} is out of range: must be > {metadata['greater_than']}")
         if "min" in metadata and value < metadata["min"]:
             raise ConfigError(f"{path}={value} is out of range: must be >= {metadata['min']}")
         if "max" in metadata and value > metadata["max"]:
@@ -88,7 +96,7 @@ def _coerce_type(tp, value, path):
         if isinstance(value, str):  # YAML 1.1 reads 3e-4 (no dot) as a string
             value = _parse_float(value)
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            return finite_float(value, path)
     elif tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -101,6 +109,17 @@ def _coerce_type(tp, value, path):
     else:
         raise TypeError(f"schema: unsupported annotation {tp!r} at {path}")
     raise ConfigError(f"{path}: expected {_describe(tp)}, got {_type_name(value)} {value!r}")
+
+
+def finite_float(value, path: str) -> float:
+    """``value`` as a float; NaN, ±inf and ints too large for a float are a ConfigError naming ``path``."""
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise ConfigError(f"{path}={value!r} is not a finite number; give a finite value (not .nan or .inf)")
+    return number
 
 
 def _parse_float(text: str):

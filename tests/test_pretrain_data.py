@@ -161,7 +161,7 @@ def test_failed_write_leaves_no_cache_then_rebuilds(tok, tmp_path, monkeypatch):
     monkeypatch.setattr(tok, "encode", flaky_encode)
     with pytest.raises(RuntimeError):
         load(path, tok, tmp_path)
-    assert list((tmp_path / "cache").iterdir()) == []
+    assert not (tmp_path / "cache").exists()  # what the failed write created is removed again
     assert not load(path, tok, tmp_path)[1].cache_hit and load(path, tok, tmp_path)[1].cache_hit
 
 

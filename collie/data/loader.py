@@ -5,7 +5,7 @@ from typing import Callable
 
 import torch
 
-from collie.errors import CheckpointError
+from collie.errors import CheckpointError, DataError
 
 
 class BatchStream:
@@ -22,8 +22,10 @@ class BatchStream:
         self.seed, self.shuffle, self.dp_rank, self.dp_size = seed, shuffle, dp_rank, dp_size
         self.global_batch = batch_size * dp_size
         if len(dataset) < self.global_batch:
-            raise ValueError(f"the dataset has {len(dataset)} samples, fewer than one global micro-batch "
-                             f"({batch_size} × {dp_size} data-parallel ranks)")
+            raise DataError(f"the training data (data.train_files) make {len(dataset)} samples, fewer than one "
+                            f"global micro-batch of train.micro_batch_size={batch_size} × {dp_size} data-parallel "
+                            f"ranks; add data or lower train.micro_batch_size to at most "
+                            f"{max(len(dataset) // dp_size, 1)}")
         self.epoch, self.batches_taken = 0, 0
         self._order_cache = (None, None)
 

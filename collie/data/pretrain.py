@@ -19,6 +19,7 @@ learns to predict what follows it.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import io
 import json
@@ -76,7 +77,7 @@ class PackedDataset(Dataset):
     def __init__(self, cache_dir: str | os.PathLike, seq_len: int, document_masking: bool = False):
         self.cache_dir, self.seq_len, self.document_masking = Path(cache_dir), seq_len, document_masking
         self.meta = read_meta(self.cache_dir)
-        self.doc_starts = np.load(self.cache_dir / "doc_starts.npy")
+        self.doc_starts = read_doc_starts(self.cache_dir, self.meta)
         self._tokens = None
 
     @property
@@ -204,12 +205,36 @@ def is_complete(directory: Path) -> bool:
 
 
 def read_meta(directory: Path) -> dict:
-    meta = json.loads((directory / "meta.json").read_text())
-    size, expected = (directory / "tokens.bin").stat().st_size, meta["tokens"] * np.dtype(meta["dtype"]).itemsize
-    if size != expected:
-        raise DataError(f"token cache '{directory}' is corrupted (tokens.bin has {size} bytes, meta.json says "
-                        f"{expected}); delete it to re-tokenize")
+    try:
+        meta = json.loads((directory / "meta.json").read_text(encoding="utf-8"))
+        tokens, dtype = meta["tokens"], np.dtype(meta["dtype"])
+        if not (isinstance(tokens, int) and tokens >= 0 and dtype in (np.uint16, np.uint32)):
+            raise ValueError(f"tokens={tokens!r}, dtype={meta['dtype']!r}")
+        size = (directory / "tokens.bin").stat().st_size
+    except (OSError, ValueError, KeyError, TypeError, RecursionError) as e:
+        raise _corrupted(directory, f"meta.json or tokens.bin unreadable: {type(e).__name__}: {e}") from None
+    if size != tokens * dtype.itemsize:
+        raise _corrupted(directory, f"tokens.bin has {size} bytes, meta.json says {tokens * dtype.itemsize}")
     return meta
+
+
+def read_doc_starts(directory: Path, meta: dict) -> np.ndarray:
+    """The document start offsets, checked against the cache's meta (never unpickled)."""
+    try:
+        starts = np.load(directory / "doc_starts.npy", allow_pickle=False)
+    except (OSError, ValueError, EOFError) as e:
+        raise _corrupted(directory, f"doc_starts.npy is not a plain NumPy array: {type(e).__name__}: "
+                                    f"{str(e).split('. ')[0]}") from None
+    if not (starts.ndim == 1 and starts.dtype.kind in "iu" and len(starts) >= 2 and starts[0] == 0
+            and starts[-1] == meta["tokens"] and bool(np.all(np.diff(starts) > 0))):
+        raise _corrupted(directory, "doc_starts.npy does not hold increasing document offsets ending at the "
+                                    "token count of meta.json")
+    return starts
+
+
+def _corrupted(directory: Path, reason: str) -> DataError:
+    return DataError(f"token cache '{directory}' is corrupted ({' '.join(reason.split())}); delete that directory "
+                     f"to re-tokenize")
 
 
 def dataset_stats(dataset: PackedDataset, cache_hit: bool) -> PretrainStats:
@@ -221,10 +246,16 @@ def dataset_stats(dataset: PackedDataset, cache_hit: bool) -> PretrainStats:
 
 
 def write_token_cache(paths: list[Path], tokenizer, directory: Path, options: dict) -> None:
-    """Tokenize ``paths`` into ``directory``, atomically: a temporary sibling renamed when complete."""
-    directory.parent.mkdir(parents=True, exist_ok=True)
+    """Tokenize ``paths`` into ``directory``, atomically: a temporary sibling renamed when complete. When it
+    fails, the directories it created for the cache are removed again (a failed run leaves nothing behind)."""
+    created = [p for p in (directory.parent, *directory.parent.parents) if not p.exists()]
+    try:
+        directory.parent.mkdir(parents=True, exist_ok=True)
+        temporary = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f"{directory.name}.tmp-"))
+    except OSError as e:
+        raise DataError(f"cannot create the token cache in '{directory.parent}' (data.cache_dir, by default "
+                        f"<train.output_dir>/data_cache): {e.strerror or e}") from None
     logger.info("tokenizing %d sources into the token cache %s", len(paths), directory)
-    temporary = Path(tempfile.mkdtemp(dir=directory.parent, prefix=f"{directory.name}.tmp-"))
     try:
         temporary.chmod(0o755)  # mkdtemp makes it private; the published cache is readable like any data file
         meta = tokenize_documents(paths, tokenizer, temporary / "tokens.bin", options)
@@ -237,6 +268,14 @@ def write_token_cache(paths: list[Path], tokenizer, directory: Path, options: di
         except OSError:
             if not is_complete(directory):
                 raise  # otherwise another process published the same cache first: keep theirs
+    except BaseException as e:
+        shutil.rmtree(temporary, ignore_errors=True)
+        for path in created:  # deepest first; only if still empty (another process may share them)
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        if isinstance(e, OSError):
+            raise DataError(f"cannot write the token cache '{directory}': {e.strerror or e}") from None
+        raise
     finally:
         shutil.rmtree(temporary, ignore_errors=True)
 

@@ -112,6 +112,9 @@ def _read_jsonl(path: Path, field: str, malformed: Malformed) -> Iterator[str]:
             except json.JSONDecodeError as e:
                 malformed.report(DataError(f"{where}: invalid JSON ({e.msg} at column {e.colno})"))
                 continue
+            except RecursionError:
+                malformed.report(DataError(f"{where}: JSON nested too deeply to be a record"))
+                continue
             if not isinstance(record, dict):
                 malformed.report(DataError(f"{where}: expected a JSON object with a '{field}' field, "
                                            f"got {_json_type(record)}"))

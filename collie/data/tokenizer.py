@@ -16,6 +16,8 @@ from collie.errors import DataError
 
 EXPECTED = ("a Hugging Face tokenizer directory (tokenizer.json or tokenizer_config.json), "
             "a sentencepiece .model file, or a directory holding tokenizer.model")
+MIN_VOCAB_SIZE = 16  # fewer pieces cannot spell text: a broken or empty tokenizer definition
+SANITY_TEXT = "Hello, world! The answer is 42."
 
 
 class HFTokenizer:
@@ -122,7 +124,36 @@ class SentencePieceTokenizer:
 
 def load_tokenizer(path: str | os.PathLike) -> HFTokenizer | SentencePieceTokenizer:
     """The tokenizer at ``path``: an HF tokenizer directory, a sentencepiece ``.model`` file, or a directory
-    holding only ``tokenizer.model``. Never downloads: a hub name that is not a local path is an error."""
+    holding only ``tokenizer.model``. Never downloads: a hub name that is not a local path is an error. The
+    tokenizer is sanity-checked (``check_tokenizer``) before it is returned."""
+    return check_tokenizer(_load(Path(path)))
+
+
+def check_tokenizer(tokenizer):
+    """``tokenizer`` if it can tokenize text: more than a handful of pieces, an EOS token (pad falls back to
+    it), special ids inside the vocabulary, and a sample text that survives encode → decode (ignoring case and
+    whitespace). A directory with only ``tokenizer_config.json`` loads in some transformers versions as a
+    tokenizer that turns every record into BOS + EOS; this refuses it."""
+    name, size = getattr(tokenizer, "name", type(tokenizer).__name__), tokenizer.vocab_size
+    if size < MIN_VOCAB_SIZE:
+        raise DataError(f"tokenizer '{name}' has {size} tokens (fewer than {MIN_VOCAB_SIZE}): its vocabulary is "
+                        f"missing or broken; expected {EXPECTED}")
+    if tokenizer.eos_token_id is None:
+        raise DataError(f"tokenizer '{name}' has no EOS token, which ends every response and document; set "
+                        f"eos_token in its tokenizer_config.json")
+    for role in ("bos", "eos", "pad"):
+        token_id = getattr(tokenizer, f"{role}_token_id")
+        if token_id is not None and not 0 <= token_id < size:
+            raise DataError(f"tokenizer '{name}': {role}_token_id={token_id} is outside its vocabulary of {size}")
+    ids = tokenizer.encode(SANITY_TEXT)
+    decoded = tokenizer.decode(ids) if ids and all(0 <= i < size for i in ids) else ""
+    if "".join(decoded.split()).lower() != "".join(SANITY_TEXT.split()).lower():
+        raise DataError(f"tokenizer '{name}' does not reproduce text: {SANITY_TEXT!r} encodes to {ids[:12]} and "
+                        f"decodes to {decoded!r}; its vocabulary is missing or broken (expected {EXPECTED})")
+    return tokenizer
+
+
+def _load(path: Path) -> HFTokenizer | SentencePieceTokenizer:
     path = Path(path)
     if not path.exists():
         from collie.models.hf_io import local_path_hint
@@ -139,11 +170,21 @@ def load_tokenizer(path: str | os.PathLike) -> HFTokenizer | SentencePieceTokeni
 
 
 def _load_hf(path: Path) -> HFTokenizer:
+    import warnings
     from transformers import AutoTokenizer
+    from transformers.utils import logging as hf_logging
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its advice ("install sentencepiece …") would be stray stderr lines
     try:
-        return HFTokenizer(AutoTokenizer.from_pretrained(str(path), local_files_only=True), name=str(path))
-    except (OSError, ValueError, KeyError) as e:
-        raise DataError(f"could not load the Hugging Face tokenizer in '{path}': {e}") from e
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return HFTokenizer(AutoTokenizer.from_pretrained(str(path), local_files_only=True), name=str(path))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+        reason = " ".join(str(e).split()) or type(e).__name__
+        raise DataError(f"could not load the Hugging Face tokenizer in '{path}': {reason}; expected "
+                        f"{EXPECTED}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def render_chat_template(template: str, messages: list[dict], add_generation_prompt: bool = False,

@@ -32,7 +32,9 @@ SAFE_WEIGHTS, SAFE_INDEX = "model.safetensors", "model.safetensors.index.json"
 BIN_WEIGHTS, BIN_INDEX = "pytorch_model.bin", "pytorch_model.bin.index.json"
 # Files a save replaces; anything else already in the target directory (tokenizer, README) is kept.
 WEIGHT_FILE_PATTERNS = (CONFIG_NAME, "model*.safetensors", SAFE_INDEX, "pytorch_model*.bin", BIN_INDEX)
-IGNORED_KEY_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers that older transformers versions saved
+IGNORED_KEY_SUFFIXES = ("rotary_emb.inv_freq",)
+MAX_VOCAB_SIZE = 2**32  # token ids are stored as uint32 (the pretraining token cache)
+MAX_PARAMETERS = 10**13  # ten trillion: far beyond any model that fits a cluster; larger is a typo  # buffers that older transformers versions saved
 _SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
 
 
@@ -46,9 +48,29 @@ def read_hf_config(path) -> dict:
     if not file.is_file():
         raise CheckpointError(f"{file} not found: a Hugging Face model directory must contain {CONFIG_NAME}")
     try:
-        return json.loads(file.read_text())
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{file} is not UTF-8 text (invalid byte at offset {e.start})") from None
     except json.JSONDecodeError as e:
-        raise CheckpointError(f"{file} is not valid JSON: {e}") from e
+        raise CheckpointError(f"{file} is not valid JSON: {e}") from None
+    except RecursionError:
+        raise CheckpointError(f"{file} is nested too deeply to be a model configuration") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{file} must hold a JSON object of model settings (model_type, hidden_size, …), "
+                              f"not {type(config).__name__}")
+    return config
+
+
+def check_model_sizes(args: ModelArgs, where: str) -> None:
+    """Refuse sizes no model can have (a typo such as ``vocab_size: 1e11``) before anything is allocated;
+    ``where`` names the source (``model.arch``, a config.json) in the error."""
+    if args.vocab_size > MAX_VOCAB_SIZE:
+        raise ConfigError(f"{where} vocab_size={args.vocab_size} is out of range: must be <= {MAX_VOCAB_SIZE} "
+                          f"(token ids are stored in 32 bits)")
+    if args.num_params() > MAX_PARAMETERS:
+        raise ConfigError(f"{where} the architecture has {args.num_params():.3g} parameters, more than "
+                          f"{MAX_PARAMETERS:.0e}; check vocab_size, hidden_size, intermediate_size and "
+                          f"num_hidden_layers")
 
 
 def local_path_hint(path) -> str:
@@ -67,6 +89,7 @@ def _class_and_args(path, overrides: dict | None = None):
     cls = model_class_for_hf(config, source)
     try:
         args = cls.args_from_hf(config, CONFIG_NAME)
+        check_model_sizes(args, f"{CONFIG_NAME}:")
     except ConfigError as e:
         raise CheckpointError(f"{source}: {e}") from e
     if overrides:

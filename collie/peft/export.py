@@ -120,13 +120,26 @@ def _read_adapter_config(directory: Path) -> dict:
     file = directory / ADAPTER_CONFIG
     if not file.is_file():
         raise CheckpointError(f"{file} not found: a peft adapter directory must contain {ADAPTER_CONFIG}")
-    config = json.loads(file.read_text())
+    try:
+        config = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+        raise CheckpointError(f"{file} is not a valid JSON adapter config ({type(e).__name__})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{file} must hold a JSON object (peft's LoraConfig), not {type(config).__name__}")
+    if not (directory / ADAPTER_WEIGHTS).is_file():
+        found = sorted(p.name for p in directory.iterdir())
+        raise CheckpointError(f"{directory} holds {ADAPTER_CONFIG} but not the adapter's weights "
+                              f"{ADAPTER_WEIGHTS} (found: {', '.join(found)}); copy the whole adapter directory, "
+                              f"or save it with peft's safe_serialization=True")
     if config.get("peft_type") != "LORA":
         raise CheckpointError(f"{file}: peft_type={config.get('peft_type')!r}; collie loads LORA adapters (load "
                               f"other types with peft.PeftModel.from_pretrained on a transformers model)")
     for key, value in _UNSUPPORTED.items():
         if config.get(key) not in (None, value):
             raise CheckpointError(f"{file}: {key}={config[key]!r} is not supported by collie's LoRA (needs {value!r})")
+    missing = [key for key in ("r", "lora_alpha", "target_modules") if key not in config]
+    if missing:
+        raise CheckpointError(f"{file} lacks {', '.join(missing)}: not a LoRA adapter config")
     if isinstance(config["target_modules"], str):
         raise CheckpointError(f"{file}: target_modules is a regular expression; collie needs a list of names")
     return config

@@ -7,6 +7,7 @@ environment; the loop itself does not change with it.
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import math
 import os
 import signal
@@ -18,14 +19,14 @@ import torch
 from collie import builders
 from collie.callbacks import CallbackList
 from collie.checkpoint import CheckpointManager, claim_output_dir
-from collie.config import CollieConfig
+from collie.config import CollieConfig, check_output_dir
 from collie.data.collate import pad_collate
 from collie.data.loader import BatchStream
 from collie.data.templates import save_chat_files
 from collie.distributed import barrier, init_parallel
 from collie.distributed.watchdog import NoWatchdog, start_watchdog
 from collie.engine import build_engine
-from collie.errors import CollieError
+from collie.errors import CollieError, ConfigError
 from collie.evaluation import evaluators
 from collie.layout_rules import check_loss_chunk
 from collie.log import setup_logging
@@ -52,17 +53,20 @@ class TrainerState:
 class Trainer:
     def __init__(self, config: CollieConfig, model=None, tokenizer=None, train_dataset=None, eval_dataset=None,
                  callbacks=()):
+        """Everything is checked before anything is written: config, tokenizer, model, layout and data first;
+        only then is ``train.output_dir`` claimed and ``config.yaml`` written, so a bad input leaves an earlier
+        run's directory as it was. (A pretraining token cache, by default under ``<output_dir>/data_cache``, is
+        written after the tokenizer, model and layout passed; a failed tokenization removes what it created.)"""
         self.cfg = config
+        check_output_dir(config)
         self.ctx = init_parallel(config.parallel, builders.resolve_device(config.train.device).type)
         self.device, self.rank, self.world_size = self.ctx.device, self.ctx.rank, self.ctx.world_size
         # parallel.dp=-1 resolves only here
         check_loss_chunk(config.train.loss_chunk_size, self.ctx.dp, self.ctx.tp, self.ctx.pp, config.peft.method)
         self.output_dir = config.train.output_dir
-        if self.is_main_process:
-            self.output_lock = claim_output_dir(config)  # one run per directory (collie/checkpoint/lock.py)
-            config.save(os.path.join(self.output_dir, "config.yaml"))
-        barrier()
-        setup_logging(self.output_dir, self.is_main_process, self.rank)
+        setup_logging(None, self.is_main_process, self.rank)  # console only until the directory is claimed
+        early_log = logging.handlers.BufferingHandler(capacity=1 << 20)  # replayed into train.log below
+        logger.addHandler(early_log)
         torch.manual_seed(config.train.seed)
 
         self.tokenizer = tokenizer or builders.build_tokenizer(config)
@@ -80,6 +84,21 @@ class Trainer:
         self.scheduler = build_scheduler(self.optimizer, config.optim, config.train.max_steps)
         self.state = TrainerState()
         self.batches = self.train_batches()
+
+        if self.is_main_process:  # all checked: now the run directory is claimed and written
+            try:
+                self.output_lock = claim_output_dir(config)  # one run per directory (collie/checkpoint/lock.py)
+                config.save(os.path.join(self.output_dir, "config.yaml"))
+            except OSError as e:
+                raise ConfigError(f"train.output_dir={self.output_dir}: cannot write there "
+                                  f"({e.strerror or e}); choose a directory you can write to") from None
+        barrier()
+        records = list(early_log.buffer)
+        setup_logging(self.output_dir, self.is_main_process, self.rank)
+        for handler in logger.handlers:
+            if isinstance(handler, logging.FileHandler):
+                for record in records:
+                    handler.handle(record)
         self.callbacks = CallbackList([ProgressBar(), Monitor(), *callbacks])
         self.checkpointer = CheckpointManager(os.path.join(self.output_dir, "checkpoints"),
                                                    config.checkpoint.keep_last)
@@ -218,12 +237,29 @@ class Trainer:
         cfg = self.cfg
         if self.state.step < cfg.train.max_steps:
             return {}
+        self._refuse_nonfinite_result()
         every = cfg.checkpoint.every_steps
         if cfg.checkpoint.save_final or (every and self.state.step % every == 0):
             self.save_checkpoint()
         if cfg.checkpoint.save_final:
             self.save_model(os.path.join(self.output_dir, "final"))
         return self.evaluate() if self.has_evaluation else {}
+
+    def _refuse_nonfinite_result(self) -> None:
+        """A run whose every step was skipped, or whose weights are not finite, saves and exports nothing and
+        ends with an error (exit code 2 from ``collie train``) instead of writing a useless ``final/``."""
+        finite = all(bool(torch.isfinite(p.to_local() if hasattr(p, "to_local") else p).all())
+                     for part in self.engine.parts for p in part.parameters())
+        flag = torch.tensor(int(finite), device=self.device)
+        if self.world_size > 1:
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+        steps, skipped = self.state.step, self.state.skipped_steps
+        if flag and skipped < steps:
+            return
+        what = f"all {steps} steps were skipped (non-finite loss or gradients)" if flag else \
+            f"the weights are not finite after {steps} steps ({skipped} skipped)"
+        raise NonFiniteLossError(f"{what}; no final checkpoint or model was saved; lower optim.lr, raise "
+                                 f"optim.warmup_steps or check the data and train.precision")
 
     def _due(self, every: int) -> bool:
         """True every ``every`` steps before the last one (the last step has its own evaluation and save)."""

@@ -1,5 +1,5 @@
-"""Config fuzzing: seeded mutations of the shipped configs (unknown keys, wrong types, out-of-range sizes,
-impossible layouts, incompatible optimizer/PEFT/layout pairs) must each end in a ConfigError whose message names
+"""Config fuzzing: seeded mutations of the shipped configs (unknown keys, wrong types, out-of-range sizes, NaN and
+infinite numbers, impossible layouts, incompatible optimizer/PEFT/layout pairs) must each end in a ConfigError whose message names
 the mutated key's dotted path — from the checks collie runs before any process group or model exists.
 """
 import dataclasses
@@ -144,6 +144,12 @@ def mutations(seed: int = SEED):
             value = meta["max"] + 1
         out.append((f"{name}: {section}.{field}={value!r}", set_key(data, f"{section}.{field}", value),
                     f"{section}.{field}"))
+    for section, field, tp, _ in fields:  # non-finite numbers: every float field, .nan and .inf
+        if base_type(tp) is float:
+            for value in (float("nan"), float("inf")):
+                name, data = base()
+                out.append((f"{name}: {section}.{field}={value!r}", set_key(data, f"{section}.{field}", value),
+                            f"{section}.{field}"))
     for overrides, key in INCOMPATIBLE:  # layouts and pairs, on every shipped config
         for name in sorted(bases):
             data = yaml.safe_load(yaml.safe_dump(bases[name]))
