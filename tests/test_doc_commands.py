@@ -29,9 +29,7 @@ DOCUMENTS = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md")), ROOT / "
 FENCE = re.compile(r"^```(?P<info>[^\n`]*)\n(?P<code>.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
 LINKED = ("benchmarks", "configs", "data", "examples", "models", "tests")
 TIMEOUT_S = 300  # generous for 4 ranks on 2 busy cores; there to turn a hang into a failure
-HANG_TIMEOUT_S = 150  # for the known hangs below: a healthy run of theirs takes ~30 s
 EIGHT_RANKS = "8 ranks on 2 CPU cores (~1 min each): opt-in with COLLIE_TEST_8RANK=1, as in tests/distributed"
-ISSUE_14 = "issue 14: eval hang at dp×pp ZeRO≥2, being fixed"
 
 # Commands that do not run here, each with the reason (the key is the command as written, spaces collapsed).
 NOT_RUN = {
@@ -52,12 +50,6 @@ NOT_RUN = {
     "torchrun --standalone --nproc_per_node 8 tests/distributed/harness.py dp2_tp2_pp2": EIGHT_RANKS,
     "torchrun --standalone --nproc_per_node 8 -m collie train CONFIG parallel.tp=2 parallel.pp=2 "
     "parallel.zero_stage=3": EIGHT_RANKS,
-}
-# Commands that fail today because of a known bug: they run, bounded by HANG_TIMEOUT_S, and may fail.
-KNOWN_FAILURES = {
-    "torchrun --nproc_per_node 4 -m collie train configs/quickstart.yaml parallel.dp=2 parallel.pp=2 "
-    "parallel.zero_stage=2 train.output_dir=outputs/dp2_pp2": ISSUE_14,
-    "torchrun --nproc_per_node 8 -m collie train configs/sft_3d.yaml": ISSUE_14,
 }
 # Placeholders in the docs (whole words) and what stands in for them.
 PLACEHOLDERS = {"configs/my_job.yaml": "configs/sft_tiny.yaml", "GRID": "configs/bench/optimizers_tiny.yaml",
@@ -83,8 +75,8 @@ SHORTER = {
 # Outputs that a command of another section or document reads, and the documented command that writes them.
 PRODUCERS = {
     "outputs/quickstart/": "collie train configs/quickstart.yaml",
-    "outputs/lora/": 'collie train configs/sft_tiny.yaml peft.method=lora peft.r=8 "peft.target_modules=[q_proj,v_proj]" '
-                     "train.output_dir=outputs/lora",
+    "outputs/lora/": 'collie train configs/sft_tiny.yaml peft.method=lora peft.r=8 '
+                     '"peft.target_modules=[q_proj,v_proj]" train.output_dir=outputs/lora',
 }
 
 
@@ -300,8 +292,7 @@ class Runner:
             cwd.mkdir()
             for name in LINKED:
                 (cwd / name).symlink_to(ROOT / name, target_is_directory=True)
-        timeout_s = HANG_TIMEOUT_S if command.key in KNOWN_FAILURES else TIMEOUT_S
-        return execute(form, cwd, timeout_s)
+        return execute(form, cwd, TIMEOUT_S)
 
 
 COMMANDS = documented_commands()
@@ -309,7 +300,7 @@ BY_KEY = {c.key: c for c in reversed(COMMANDS)}  # the first place a command is 
 
 
 def to_run() -> list:
-    """One test per runnable form (the same command in two documents runs once), skips and known failures marked."""
+    """One test per runnable form (the same command in two documents runs once), skips marked."""
     params, seen = [], set()
     for command in COMMANDS:
         form = runnable_form(command)
@@ -320,8 +311,6 @@ def to_run() -> list:
         reason = NOT_RUN.get(command.key)
         if reason and not (reason == EIGHT_RANKS and os.environ.get("COLLIE_TEST_8RANK")):
             marks.append(pytest.mark.skip(reason=reason))
-        if command.key in KNOWN_FAILURES:
-            marks.append(pytest.mark.xfail(reason=KNOWN_FAILURES[command.key], strict=False))
         if "torchrun" in command.text:
             marks.append(pytest.mark.distributed)
         params.append(pytest.param(command, id=command.where, marks=marks))
@@ -381,6 +370,6 @@ def test_runnable_forms():
 
 def test_every_table_entry_names_a_documented_command():
     documented = {c.key for c in COMMANDS}
-    for table in (NOT_RUN, KNOWN_FAILURES, SHORTER):
+    for table in (NOT_RUN, SHORTER):
         assert sorted(set(table) - documented) == []
     assert set(PRODUCERS.values()) <= documented and not set(PRODUCERS.values()) & set(NOT_RUN)

@@ -58,11 +58,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("config", nargs="?", help="job config (YAML), as for collie train")
     parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. parallel.tp=2")
     parser.add_argument("--card", metavar="NAME", help="model card name or YAML path (instead of a job config)")
-    parser.add_argument("--gpus", type=int, metavar="N", help="GPUs of the job (resolves parallel.dp=-1; the plan's total)")
-    parser.add_argument("--gpu-mem", type=float, default=80.0, metavar="GIB", help="GPU memory in GiB that decides 'fits' "
-                                                                    "(default 80)")
+    parser.add_argument("--gpus", type=int, metavar="N",
+                        help="GPUs of the job (resolves parallel.dp=-1; the plan's total)")
+    parser.add_argument("--gpu-mem", type=float, default=80.0, metavar="GIB",
+                        help="GPU memory in GiB that decides 'fits' (default 80)")
     parser.add_argument("--plan", action="store_true", help="list the layouts of --gpus GPUs that fit")
-    parser.add_argument("--global-batch", type=int, metavar="N", help="plan: sequences per optimizer step (default 4/GPU)")
+    parser.add_argument("--global-batch", type=int, metavar="N",
+                        help="plan: sequences per optimizer step (default 4/GPU)")
     parser.add_argument("--all", action="store_true", help="plan: every fitting candidate, not the best per "
                                                            "dp×tp×pp")
     parser.add_argument("--offload", action="store_true", help="plan: also consider CPU offload")
