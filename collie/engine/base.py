@@ -3,9 +3,7 @@ checkpoint code, the evaluators, ``collie bench`` and the tests drive a model on
 asks what kind of model it holds::
 
     engine = build_engine(cfg, ctx, model_args)          # collie.engine.factory
-    engine.begin_step(len(micro_batches))
-    loss = sum(engine.forward_backward(mb, denominator, last=i == n - 1) for i, mb in enumerate(micro_batches))
-    result = engine.optimizer_step(ctx.dp_sum(loss))     # StepResult(finite, grad_norm, partial)
+    step = engine.train_step(micro_batches)              # StepOutput(loss, tokens, StepResult(finite, grad_norm))
     engine.loss_sum(batch); engine.generation_model()    # evaluation
     engine.state_dict(); engine.export(path, args)       # checkpoints (DCP), Hugging Face directories
 
@@ -16,6 +14,8 @@ become updates (classic ``step()`` or LOMO/AdaLomo inside backward) is the ``upd
 from __future__ import annotations
 
 import contextlib
+from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -25,8 +25,18 @@ from collie.distributed import barrier, full_logits, gather_full_state_dict, voc
 from collie.distributed.data_parallel import set_gradient_sync
 from collie.engine import state as named_state
 from collie.engine.updates import StepResult
-from collie.loss import chunked_lm_loss_sum
+from collie.loss import chunked_lm_loss_sum, count_loss_tokens
 from collie.optim import refresh_hessian, sophia_refresh_due
+
+
+@dataclass
+class StepOutput:
+    """One optimizer step: the global token-mean loss, the step's token counts over all dp ranks, and what the
+    update did."""
+    loss: torch.Tensor
+    loss_tokens: int
+    input_tokens: int
+    result: StepResult
 
 
 class Engine:
@@ -54,6 +64,23 @@ class Engine:
         return contextlib.nullcontext() if dtype is None else torch.autocast(self.ctx.device.type, dtype=dtype)
 
     # --- a training step -------------------------------------------------------------------------------------
+    def train_step(self, micro_batches: list[dict], on_gradients: Callable[[], None] | None = None) -> StepOutput:
+        """One optimizer step over this rank's micro-batches. Each token's loss is divided by the token count of
+        the whole step (all micro-batches, all data-parallel ranks), so the gradient equals one process's on the
+        concatenated batch, whatever the layout, padding or accumulation. ``on_gradients()`` runs between the
+        last backward and the update (fused optimizers have updated already)."""
+        local = torch.stack([sum(count_loss_tokens(mb["labels"]) for mb in micro_batches),
+                             sum(mb["attention_mask"].sum() for mb in micro_batches)]).float()
+        loss_tokens, input_tokens = self.ctx.dp_sum(local).tolist()
+        denominator = torch.tensor(max(loss_tokens, 1.0), device=self.ctx.device)
+        self.begin_step(len(micro_batches))
+        loss = sum(self.forward_backward(mb, denominator, last=i == len(micro_batches) - 1)
+                   for i, mb in enumerate(micro_batches))
+        loss = self.ctx.dp_sum(loss)  # each dp rank holds its share of the step's mean
+        if on_gradients is not None:
+            on_gradients()
+        return StepOutput(loss, int(loss_tokens), int(input_tokens), self.optimizer_step(loss))
+
     def begin_step(self, num_micro_batches: int) -> None:
         self.update.begin(num_micro_batches)
 

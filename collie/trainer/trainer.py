@@ -30,7 +30,7 @@ from collie.errors import CollieError, ConfigError
 from collie.evaluation import evaluators
 from collie.layout_rules import check_loss_chunk
 from collie.log import setup_logging
-from collie.loss import IGNORE_INDEX, count_loss_tokens
+from collie.loss import IGNORE_INDEX
 from collie.monitor import Monitor, ProgressBar
 from collie.monitor.meters import synchronize
 from collie.trainer import checkpoint as ckpt
@@ -281,26 +281,16 @@ class Trainer:
 
     # --- one step --------------------------------------------------------------------------------------------
     def train_fn(self, micro_batches: list[dict]) -> dict:
-        """One optimizer step over this rank's micro-batches. Each token's loss is divided by the token count of
-        the whole step (all micro-batches, all data-parallel ranks), so the gradient equals one process's on the
-        concatenated batch, whatever the layout, padding or accumulation."""
-        local = torch.stack([sum(count_loss_tokens(mb["labels"]) for mb in micro_batches),
-                             sum(mb["attention_mask"].sum() for mb in micro_batches)]).float()
-        loss_tokens, input_tokens = self.ctx.dp_sum(local).tolist()
-        denominator = torch.tensor(max(loss_tokens, 1.0), device=self.device)
-        self.engine.begin_step(len(micro_batches))
-        loss = sum(self.engine.forward_backward(mb, denominator, last=i == len(micro_batches) - 1)
-                   for i, mb in enumerate(micro_batches))
-        loss = self.ctx.dp_sum(loss)  # each dp rank holds its share of the step's mean
-        result = self.engine.optimizer_step(loss)
-        if result.finite:
+        """One optimizer step over this rank's micro-batches (``Engine.train_step``), then the schedule."""
+        step = self.engine.train_step(micro_batches)
+        if step.result.finite:
             self.scheduler.step()
             self.engine.refresh_hessian(micro_batches[-1], self.state.step + 1)
         else:
-            self._handle_nonfinite(loss, result.grad_norm)
-        self.state.tokens_seen += int(input_tokens)
-        return {"loss": float(loss), "grad_norm": result.grad_norm, "lr": self.scheduler.get_last_lr()[0],
-                "num_tokens": int(input_tokens), "loss_tokens": int(loss_tokens),
+            self._handle_nonfinite(step.loss, step.result.grad_norm)
+        self.state.tokens_seen += step.input_tokens
+        return {"loss": float(step.loss), "grad_norm": step.result.grad_norm, "lr": self.scheduler.get_last_lr()[0],
+                "num_tokens": step.input_tokens, "loss_tokens": step.loss_tokens,
                 "skipped_steps": self.state.skipped_steps}
 
     def forward(self, batch: dict) -> torch.Tensor:

@@ -26,7 +26,6 @@ from collie.config import CollieConfig, ParallelConfig
 from collie.distributed import init_parallel
 from collie.distributed.launch import write_rank_result
 from collie.engine import build_engine
-from collie.loss import count_loss_tokens
 from collie.models import ModelArgs
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -132,17 +131,13 @@ def train_layout(layout: dict, ctx) -> dict:
     losses, norms, memory = [], [], {}
     for ids, labels in global_batches():
         batch = rank_batch(ctx, ids, labels)
-        micro = split(batch, cfg.train.grad_accum_steps)
-        denominator = ctx.dp_sum(count_loss_tokens(batch["labels"])).clamp(min=1).float()
-        engine.begin_step(len(micro))
-        loss = sum(engine.forward_backward(mb, denominator, last=i == len(micro) - 1) for i, mb in enumerate(micro))
-        # the step's gradients (optimizer_step zeroes them; ZeRO-1 drops the unowned ones in its step pre-hook)
-        memory["grad_bytes"] = local_bytes(p.grad for p in engine.parameters() if p.grad is not None)
-        loss = ctx.dp_sum(loss)
-        result = engine.optimizer_step(loss)
-        assert result.finite, f"non-finite step: loss {float(loss)}, grad norm {result.grad_norm}"
-        losses.append(loss.item())
-        norms.append(result.grad_norm)
+        def measure_gradients():  # before the update zeroes them (and ZeRO-1 drops the unowned ones in its pre-hook)
+            memory["grad_bytes"] = local_bytes(p.grad for p in engine.parameters() if p.grad is not None)
+
+        step = engine.train_step(split(batch, cfg.train.grad_accum_steps), on_gradients=measure_gradients)
+        assert step.result.finite, f"non-finite step: loss {float(step.loss)}, grad norm {step.result.grad_norm}"
+        losses.append(step.loss.item())
+        norms.append(step.result.grad_norm)
     eval_loss = {"unpadded": evaluate(engine, ctx, False), "padded": evaluate(engine, ctx, True)}
     memory["param_bytes"] = local_bytes(engine.parameters())
     memory["optimizer_bytes"] = local_bytes(v for state in engine.optimizer.state.values() for v in state.values()

@@ -18,7 +18,6 @@ from collie.config import CollieConfig
 from collie.distributed import init_parallel
 from collie.distributed.launch import write_rank_result
 from collie.engine import build_engine
-from collie.loss import count_loss_tokens
 from collie.models import ModelArgs
 
 QUICKSTART = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
@@ -62,13 +61,9 @@ def train(layout: str) -> dict:
     losses, per_rank = [], BATCH // ctx.dp
     for _ in range(STEPS):
         ids = torch.randint(0, 128, (BATCH, SEQ), generator=generator)[ctx.dp_rank * per_rank:][:per_rank]
-        denominator = ctx.dp_sum(count_loss_tokens(ids)).float()
-        engine.begin_step(1)
-        loss = engine.forward_backward({"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)},
-                                       denominator, last=True)
-        loss = ctx.dp_sum(loss)
-        assert engine.optimizer_step(loss).finite
-        losses.append(loss.item())
+        step = engine.train_step([{"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)}])
+        assert step.result.finite
+        losses.append(step.loss.item())
     trainable = sorted({name for part in engine.parts for name, p in part.named_parameters() if p.requires_grad})
     adapter = {k: v.tolist() for k, v in engine.full_state_dict().items() if ".lora_" in k}
     return {"losses": losses, "trainable": trainable, "adapter": adapter}
