@@ -137,7 +137,7 @@ def build_parser() -> argparse.ArgumentParser:
     chat.add_argument("--template", help="chat template instead of the one saved with the model: a data.template "
                                          "name or a .jinja file")
     chat.add_argument("--system", help="a system message that starts the conversation")
-    chat.add_argument("--max-new-tokens", type=int, default=256, help="tokens per answer at most")
+    chat.add_argument("--max-new-tokens", type=positive_int, default=256, help="tokens per answer at most (>= 1)")
     chat.add_argument("--temperature", type=float, default=0.0, help="0 = greedy; > 0 samples")
     chat.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]")
     chat.add_argument("--seed", type=int, default=0, help="seed of the sampling generator")
@@ -188,10 +188,10 @@ def _dispatch(argv: list[str]) -> int:
         print(f"collie: error: {_input_error(e)}", file=sys.stderr)
         return 2
     except RuntimeError as e:
-        if not _lost_peer(e):
+        from collie.distributed.watchdog import first_line, is_peer_failure
+        if not is_peer_failure(e):
             raise
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        print(f"collie: error: rank {os.environ.get('RANK', '0')} lost a peer in a collective ({first_line}); "
+        print(f"collie: error: rank {os.environ.get('RANK', '0')} lost a peer in a collective ({first_line(e)}); "
               f"another rank failed first: its log (and torchrun's summary) says why", file=sys.stderr)
         return 1
 
@@ -237,13 +237,6 @@ def _input_error(error: BaseException) -> str:
     if isinstance(error, RecursionError):
         return "an input file is nested too deeply to read (RecursionError); check the JSON/YAML files given"
     return f"{type(error).__name__}: {one_line(error)}"
-
-
-def _lost_peer(error: RuntimeError) -> bool:
-    """A collective that failed because another rank died (gloo/NCCL), not a bug on this rank."""
-    import torch.distributed as dist
-    text = str(error).lower()
-    return isinstance(error, dist.DistError) or ("gloo" in text and ("connection" in text or "peer" in text))
 
 
 if __name__ == "__main__":
