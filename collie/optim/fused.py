@@ -48,7 +48,7 @@ parameter's gradient turns out non-finite. Three guards, in order of cost:
 A rollback of case 3 would need a copy of every weight and its state (the memory LOMO exists to save), and
 deferring the updates would need every gradient (the same). So all-or-nothing in case 3 is bought with the
 norm pass: ``guard_nonfinite=True`` (``optim.args.guard_nonfinite=true``) runs it also when neither clipping
-nor fp16 needs it, at the cost of one extra backward per single-micro-batch step (about 1.5× the step time).
+nor fp16 needs it, at the cost of one extra backward per single-micro-batch step (about 1.7× the step time on CPU).
 """
 from __future__ import annotations
 
