@@ -287,7 +287,7 @@ class Trainer:
             self.scheduler.step()
             self.engine.refresh_hessian(micro_batches[-1], self.state.step + 1)
         else:
-            self._handle_nonfinite(step.loss, step.result.grad_norm)
+            self._handle_nonfinite(step.loss, step.result)
         self.state.tokens_seen += step.input_tokens
         return {"loss": float(step.loss), "grad_norm": step.result.grad_norm, "lr": self.scheduler.get_last_lr()[0],
                 "num_tokens": step.input_tokens, "loss_tokens": step.loss_tokens,
@@ -297,10 +297,11 @@ class Trainer:
         """Logits of a batch (vocab-sharded under tensor parallelism; not for pipeline parallelism)."""
         return self.engine.forward(batch)
 
-    def _handle_nonfinite(self, loss, grad_norm):
+    def _handle_nonfinite(self, loss, result):
         self.state.skipped_steps += 1
-        message = (f"step {self.state.step + 1}: non-finite loss {float(loss)} / grad norm {float(grad_norm)}; "
-                   f"weights and optimizer state left unchanged")
+        kept = ("the parameters with finite gradients were updated, the others left unchanged" if result.partial
+                else "weights and optimizer state left unchanged")
+        message = f"step {self.state.step + 1}: non-finite loss {float(loss)} / grad norm {result.grad_norm}; {kept}"
         if self.cfg.train.on_nonfinite == "stop":
             raise NonFiniteLossError(message + " (train.on_nonfinite=stop)")
         logger.warning(message + "; step skipped")

@@ -21,16 +21,16 @@ RSS_GROWTH_MIB = 20  # seen: +4 MiB over 250 steps, +5.6 MiB over 2950
 RUN = [f"train.max_steps={STEPS}", f"checkpoint.every_steps={STEPS // 6}", "checkpoint.keep_last=2",
        f"eval.every_steps={STEPS // 3}", "eval.max_batches=2", "train.log_every=1", "optim.lr=3e-3"]
 # What the two runs owe each other. The dp=2 run sums each step's loss and gradients in another order than one
-# process, a difference of ~1e-7 relative at step 1 (the rounding of fp32 sums) that training compounds: seen
-# ≤ 1.2e-7 up to step 10, ≤ 6e-6 up to step 100, then growing ~e-fold every 10 steps until the two runs are two
-# different trainings on the same data (window means up to 6% apart by step 200, docs/reliability.md).
+# process, a difference of ~1e-7 relative at step 1 (the rounding of fp32 sums) that training compounds, slowly
+# at first (seen ≤ 1.2e-7 up to step 10, ≤ 1e-5 up to step 60), then, from a step that depends on the trajectory
+# (seen: 80 in one version of the defaults, 130 in another), growing ~e-fold every few steps until the two runs are
+# two different trainings on the same data (window means up to 6% apart by step 200, docs/reliability.md).
 # - The first EXACT_STEPS must agree to RTOL_EXACT: one rounding step of the reduction, with 8× margin.
-# - Up to DRIFT_STEPS (through the checkpoints and the evaluation at steps 50 and 100) every step stays within
-#   RTOL_DRIFT: 170× what was seen, so a slightly faster drift on another CPU passes while a step that goes
-#   wrong (a bad resume of the data position, an evaluation that leaves the model changed) does not.
+# - Up to DRIFT_STEPS (through the first checkpoint, at step 50) every step stays within RTOL_DRIFT: 10× what was
+#   seen, so a slightly faster drift on another CPU passes while a step that goes wrong does not.
 # - After that only statistics are guaranteed: both runs keep learning (the late mean is well below the mean
 #   of steps 26–50) and end at the same level (late means within RTOL_LATE; seen 4%).
-EXACT_STEPS, RTOL_EXACT, DRIFT_STEPS, RTOL_DRIFT, LATE_STEPS, RTOL_LATE = 10, 1e-6, 100, 1e-3, 100, 0.15
+EXACT_STEPS, RTOL_EXACT, DRIFT_STEPS, RTOL_DRIFT, LATE_STEPS, RTOL_LATE = 10, 1e-6, 60, 1e-4, 100, 0.15
 
 
 def test_long_two_rank_run_has_flat_memory_and_the_one_process_losses(tmp_path):
@@ -52,7 +52,7 @@ def test_long_two_rank_run_has_flat_memory_and_the_one_process_losses(tmp_path):
     assert max(growth) < RSS_GROWTH_MIB, growth
     assert sorted(os.listdir(tmp_path / "two" / "checkpoints")) == [f"step-{STEPS - STEPS // 6:08d}",
                                                                     f"step-{STEPS:08d}"]
-    figures = {"steps": STEPS, "max_rel_dev_first_10": exact, "max_rel_dev_first_100": drift,
+    figures = {"steps": STEPS, "max_rel_dev_first_10": exact, "max_rel_dev_first_60": drift,
                "rss_after_warmup_mib": [r[WARMUP - 1]["rss_mib"] for r in ranks],
                "rss_end_mib": [r[-1]["rss_mib"] for r in ranks], "rss_growth_mib": growth,
                "late_mean_two_one": late}
