@@ -5,12 +5,15 @@ merges into the base weights (or, with ``adapter=True``, writes as a peft adapte
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
 
 from collie.checkpoint.store import STATE_FILE, CheckpointManager, load_tensors, read_json
 from collie.errors import CheckpointError
+
+logger = logging.getLogger("collie")
 
 
 def export_to_hf(checkpoint_dir: str, out_dir: str, dtype: torch.dtype | None = None, adapter: bool = False) -> str:
@@ -33,7 +36,30 @@ def export_to_hf(checkpoint_dir: str, out_dir: str, dtype: torch.dtype | None = 
         tensors = {"model": model.state_dict()}
         load_tensors(tensors, checkpoint_dir, no_dist=True)
         model.load_state_dict(tensors["model"])
-    return _save(model, out_dir, dtype, lora, adapter)
+    written = _save(model, out_dir, dtype, lora, adapter)
+    _save_tokenizer(saved, out_dir)
+    return written
+
+
+def _save_tokenizer(saved: dict, out_dir: str) -> None:
+    """The run's tokenizer, chat template and generation config next to the exported model, so that the directory
+    is complete for ``AutoTokenizer`` and ``collie generate``; a warning when the tokenizer is no longer where the
+    run found it (paths resolve against the working directory)."""
+    from collie.config import DataConfig
+    from collie.data.templates import save_chat_files
+    from collie.data.tokenizer import load_tokenizer
+    from collie.errors import DataError
+    from collie.schema import from_dict
+    config = saved.get("config") or {}
+    data = from_dict(DataConfig, config.get("data") or {}, "data")
+    path = data.tokenizer or (config.get("model") or {}).get("pretrained")
+    try:
+        tokenizer = load_tokenizer(path)
+    except DataError as e:
+        logger.warning("exported the model without a tokenizer: %s", e)
+        return
+    tokenizer.save_pretrained(out_dir)
+    save_chat_files(out_dir, data, tokenizer)
 
 
 def _trained_model(saved: dict, state_file: str):

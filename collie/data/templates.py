@@ -245,3 +245,25 @@ def _name(tokenizer) -> str:
 
 __all__ = ["ChatTemplate", "TEMPLATES", "load_chat_template", "register_template", "resolve_template",
            "save_chat_files", "stop_token_ids", "tokenizer_template"]
+
+
+CHAT_FILES = (CHAT_TEMPLATE_FILE, TEMPLATE_INFO_FILE, "generation_config.json")
+
+
+def copy_tokenizer_and_chat_files(sources, directory: str | os.PathLike) -> bool:
+    """A model directory written from others (``collie convert --merge``): the tokenizer and the chat files of the
+    first of ``sources`` that holds a tokenizer. Returns whether one was found."""
+    import shutil
+
+    from collie.data.tokenizer import load_tokenizer
+    for source in sources:
+        try:
+            tokenizer = load_tokenizer(source)
+        except DataError:
+            continue
+        tokenizer.save_pretrained(directory)
+        for name in CHAT_FILES:
+            if Path(source, name).is_file():
+                shutil.copyfile(Path(source, name), Path(directory, name))
+        return True
+    return False

@@ -221,3 +221,5 @@ def merge_adapter(base_model_dir, adapter_dir, output_dir, dtype: torch.dtype | 
     load_adapter(model, adapter_dir)
     merge_lora(model)
     save_pretrained(model, output_dir, dtype=dtype)
+    from collie.data.templates import copy_tokenizer_and_chat_files
+    copy_tokenizer_and_chat_files([adapter_dir, base_model_dir], output_dir)
