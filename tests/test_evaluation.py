@@ -306,3 +306,25 @@ def test_collie_generate_batches_prompts_with_stop(text_model, tmp_path, capsys)
     assert prompts[1] in out
     assert main(["generate", str(tmp_path), "--tokenizer", TOKENIZER, "--prompt", "x", "--top-p", "2"]) == 2
     assert "top_p=2.0 is outside (0, 1]" in capsys.readouterr().err
+
+
+def test_generation_metrics_stop_at_the_templates_end_of_turn():
+    """A chat template whose turns end with a token other than EOS (Llama 3's <|eot_id|>, InternLM2's <|im_end|>):
+    generation during evaluation stops there, and the reference response does not carry it."""
+    tokenizer = load_tokenizer(TOKENIZER)
+    answer, end_of_turn = tokenizer.encode("odd"), 7  # 7: some id that is not EOS
+    prompt = tokenizer.encode("Is 47 even or odd?", add_bos=True)
+    sample = {"input_ids": torch.tensor(prompt + answer + [end_of_turn]),
+              "labels": torch.tensor([-100] * len(prompt) + answer + [end_of_turn])}
+    script = answer + [end_of_turn] + tokenizer.encode(" and more")
+
+    def model(ids, position_ids=None, attention_mask=None):  # emits ``script`` after the prompt, then EOS
+        step = ids.shape[1] - len(prompt)
+        logits = torch.zeros(ids.shape[0], ids.shape[1], tokenizer.vocab_size)
+        logits[:, -1, script[step] if step < len(script) else tokenizer.eos_token_id] = 1.0
+        return logits
+
+    stopped = generation_metrics(model, [sample], tokenizer, 1, 16, device="cpu",
+                                 eos_ids=[tokenizer.eos_token_id, end_of_turn])
+    assert stopped["exact_match"] == 1.0
+    assert generation_metrics(model, [sample], tokenizer, 1, 16, device="cpu")["exact_match"] == 0.0

@@ -22,6 +22,7 @@ from collie.checkpoint import CheckpointManager, claim_output_dir
 from collie.config import CollieConfig, check_output_dir
 from collie.data.collate import pad_collate
 from collie.data.loader import BatchStream
+from collie.data.templates import resolve_template, stop_token_ids
 from collie.data.templates import save_chat_files
 from collie.distributed import barrier, init_parallel
 from collie.distributed.watchdog import NoWatchdog, start_watchdog
@@ -326,9 +327,10 @@ class Trainer:
         text_metrics = [m for m in cfg.metrics if m in evaluators.TEXT_METRICS]
         with self.autocast():
             if text_metrics and self.eval_dataset is not None:
+                ends = stop_token_ids(resolve_template(self.cfg.data.template, self.tokenizer), self.tokenizer)
                 results.update(evaluators.generation_metrics(
                     model, self.eval_dataset, self.tokenizer, cfg.batch_size, cfg.max_new_tokens, limit,
-                    self.device, text_metrics, cfg.stop, multiple))
+                    self.device, text_metrics, cfg.stop, multiple, eos_ids=ends))
             if any(m in evaluators.CHOICE_METRICS for m in cfg.metrics):
                 results.update(evaluators.choice_eval(
                     model, evaluators.load_choice_records(cfg.choice_file), self.tokenizer, cfg.batch_size,
