@@ -48,9 +48,7 @@ def deepspeed_config(cfg, dp: int) -> dict:
 
 
 class DeepSpeedModel:
-    """A DeepSpeed engine seen through the interface the Trainer uses for ``ParallelModel``."""
-
-    runner = None
+    """A DeepSpeed engine as ``collie.engine.deepspeed.DeepSpeedEngine`` drives it."""
 
     def __init__(self, engine, ctx):
         self.engine, self.ctx = engine, ctx
@@ -61,9 +59,6 @@ class DeepSpeedModel:
 
     def parameters(self):
         return list(self.engine.module.parameters())
-
-    def named_parameters(self):
-        return list(self.engine.module.named_parameters())
 
     def train(self, mode: bool = True):
         self.engine.train(mode)

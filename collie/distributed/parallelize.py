@@ -19,7 +19,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from collie.distributed.activation_checkpointing import apply_activation_checkpointing
-from collie.distributed.data_parallel import apply_data_parallel, set_gradient_sync, shard_optimizer_state
+from collie.distributed.data_parallel import apply_data_parallel, shard_optimizer_state
 from collie.distributed.pipeline import PipelineRunner, build_stage_models
 from collie.distributed.tensor_parallel import apply_tensor_parallel, vocab_parallel_loss_sum
 from collie.errors import CheckpointError
@@ -64,10 +64,6 @@ class ParallelModel:
 
     def eval(self):
         return self.train(False)
-
-    def set_gradient_sync(self, enabled: bool) -> None:
-        """Gradient accumulation without pp: False before every micro-batch's backward but the last."""
-        set_gradient_sync(self.parts, enabled)
 
     def prepare_optimizer(self, optimizer) -> None:
         """Call once after building the optimizer on ``parameters()``: shards its state for ZeRO-1."""
