@@ -17,7 +17,9 @@ RUN = ["parallel.dp=2", "parallel.zero_stage=3", f"parallel.timeout_s={TIMEOUT_S
 
 
 @pytest.mark.parametrize("fault, operation", [("stall:3:1", "training step 3"),
-                                              ("skip-eval:1", "evaluation at step 2")])
+                                              # rank 0 waits in the evaluation rank 1 skipped, rank 1 in step 3:
+                                              # whichever times out first reports
+                                              ("skip-eval:1", "(evaluation at step 2|training step 3)")])
 def test_a_stalled_or_diverging_rank_ends_the_job_within_the_timeout(tmp_path, fault, operation):
     start = time.monotonic()
     with pytest.raises(DistributedRunError) as failure:
