@@ -54,8 +54,8 @@ class DeepSpeedModel:
         self.engine, self.ctx = engine, ctx
         self.parts = [engine.module]
 
-    def __call__(self, input_ids, position_ids=None, attention_mask=None):
-        return self.engine(input_ids, position_ids=position_ids, attention_mask=attention_mask)
+    def __call__(self, input_ids, **inputs):
+        return self.engine(input_ids, **inputs)
 
     def parameters(self):
         return list(self.engine.module.parameters())

@@ -35,12 +35,13 @@ class ParallelModel:
     runner: PipelineRunner | None = None
     optimizer_owners: list = field(default_factory=list)
 
-    def __call__(self, input_ids, position_ids=None, attention_mask=None):
-        """Forward without pipeline parallelism (pp=1); with pp use ``runner.step`` / ``runner.eval_forward``."""
+    def __call__(self, input_ids, **inputs):
+        """Forward without pipeline parallelism (pp=1); with pp use ``runner.step`` / ``runner.eval_forward``.
+        ``inputs``: the model's keyword inputs (position_ids, attention_mask, document_ids, cache)."""
         if self.runner is not None:
             raise RuntimeError("with parallel.pp > 1 the model runs through ParallelModel.runner "
                                "(step / eval_forward), not by calling it")
-        return self.parts[0](input_ids, position_ids=position_ids, attention_mask=attention_mask)
+        return self.parts[0](input_ids, **inputs)
 
     def parameters(self):
         """Each parameter of this rank's parts once (DTensors under TP/ZeRO)."""

@@ -143,14 +143,12 @@ class PipelineRunner:
                                        scale_grads=False)
         return self._schedules[key]
 
-    def _run(self, training: bool, input_ids, labels, position_ids, attention_mask):
+    def _run(self, training: bool, input_ids, labels, inputs: dict | None):
         batch, seq = input_ids.shape
         check_pipeline_batch(batch, self.n_microbatches, "train.micro_batch_size" if training else "eval.batch_size")
-        if position_ids is None:
-            position_ids = torch.arange(seq, device=input_ids.device)[None]
-        kwargs = {"position_ids": position_ids.expand(batch, seq)}
-        if attention_mask is not None:
-            kwargs["attention_mask"] = attention_mask
+        kwargs = {key: value for key, value in (inputs or {}).items() if value is not None}  # split per micro-batch
+        positions = kwargs.get("position_ids", torch.arange(seq, device=input_ids.device))
+        kwargs["position_ids"] = positions.expand(batch, seq)
         args = (input_ids,) if self.ctx.is_first_stage else ()
         target = labels if self.ctx.is_last_stage else None
         schedule = self._schedule(input_ids.shape, training)
@@ -164,8 +162,10 @@ class PipelineRunner:
         dist.broadcast(total, group=self.ctx.pp_group, group_src=self.ctx.pp - 1)
         return total
 
-    def step(self, input_ids, labels, position_ids=None, attention_mask=None, loss_denominator=None):
+    def step(self, input_ids, labels, inputs: dict | None = None, loss_denominator=None):
         """Forward and backward of one batch (this dp replica's share) through all micro-batches.
+
+        ``inputs``: the model's keyword inputs (position_ids, attention_mask, document_ids), each (batch, …).
 
         ``loss_denominator``: the global token count of the optimizer step (sum over grad-accumulation batches
         and dp ranks); default: this batch's count summed over dp. Returns the normalised loss, the same on
@@ -173,13 +173,13 @@ class PipelineRunner:
         if loss_denominator is None:
             loss_denominator = self.ctx.dp_sum(count_loss_tokens(labels).to(self.ctx.device)).clamp(min=1)
         self._denominator = torch.as_tensor(loss_denominator, dtype=torch.float32, device=self.ctx.device)
-        return self._run(True, input_ids, labels, position_ids, attention_mask)
+        return self._run(True, input_ids, labels, inputs)
 
     @torch.no_grad()
-    def eval_forward(self, input_ids, labels, position_ids=None, attention_mask=None) -> torch.Tensor:
+    def eval_forward(self, input_ids, labels, inputs: dict | None = None) -> torch.Tensor:
         """Summed token loss of the batch (no backward), the same on every rank of the pipeline."""
         self._denominator = torch.ones((), device=self.ctx.device)
-        return self._run(False, input_ids, labels, position_ids, attention_mask)
+        return self._run(False, input_ids, labels, inputs)
 
     @torch.no_grad()
     def last_logits(self, input_ids, position_ids=None, attention_mask=None) -> torch.Tensor:

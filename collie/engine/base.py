@@ -20,7 +20,7 @@ from typing import Callable
 import torch
 
 from collie.builders import compute_dtype
-from collie.data.pretrain import document_causal_mask
+from collie.data.pretrain import document_ids
 from collie.distributed import barrier, full_logits, gather_full_state_dict, vocab_parallel_loss_sum
 from collie.distributed.data_parallel import set_gradient_sync
 from collie.engine import state as named_state
@@ -105,14 +105,15 @@ class Engine:
     def forward(self, batch: dict) -> torch.Tensor:
         """Logits of a batch (vocab-sharded under tensor parallelism)."""
         with self.autocast():
-            return self.model(batch["input_ids"], position_ids=batch.get("position_ids"),
-                              attention_mask=self.attention_mask(batch))
+            return self.model(batch["input_ids"], **self.model_inputs(batch))
 
-    def attention_mask(self, batch: dict) -> torch.Tensor:
-        """The padding mask, or with ``data.document_masking`` a (batch, 1, seq, seq) per-document mask."""
-        if not self.cfg.data.document_masking:
-            return batch["attention_mask"]
-        return document_causal_mask(batch["position_ids"]) & batch["attention_mask"].bool()[:, None, None, :]
+    def model_inputs(self, batch: dict) -> dict:
+        """The model's keyword inputs besides the token ids: positions, the padding mask and, with
+        ``data.document_masking``, each token's document (attention stays inside it, without a dense mask)."""
+        inputs = {"position_ids": batch.get("position_ids"), "attention_mask": batch["attention_mask"]}
+        if self.cfg.data.document_masking:
+            inputs["document_ids"] = document_ids(batch["position_ids"])
+        return inputs
 
     def loss_sum(self, batch: dict) -> torch.Tensor:
         """Summed token loss of a batch, without backward (evaluation); the vocab-parallel loss never gathers

@@ -21,8 +21,8 @@ class PipelineEngine(Engine):
         set_gradient_sync(self.parts, last)
         scale = self.update.loss_scale()
         with self.autocast():
-            loss = self.runner.step(batch["input_ids"], batch["labels"], batch.get("position_ids"),
-                                    self.attention_mask(batch), loss_denominator=denominator / scale)
+            loss = self.runner.step(batch["input_ids"], batch["labels"], self.model_inputs(batch),
+                                    loss_denominator=denominator / scale)
         return loss / scale
 
     def forward(self, batch: dict) -> torch.Tensor:
@@ -31,8 +31,7 @@ class PipelineEngine(Engine):
 
     def loss_sum(self, batch: dict) -> torch.Tensor:
         with self.autocast():
-            return self.runner.eval_forward(batch["input_ids"], batch["labels"], batch.get("position_ids"),
-                                            self.attention_mask(batch))
+            return self.runner.eval_forward(batch["input_ids"], batch["labels"], self.model_inputs(batch))
 
     def training_loss_sum(self, batch: dict) -> torch.Tensor:
         raise NotImplementedError("pipeline stages backpropagate inside their schedule: use forward_backward")

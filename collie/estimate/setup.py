@@ -47,8 +47,8 @@ class Setup:
     micro_batch_size: int = 1
     seq_len: int = 2048
     grad_accum_steps: int = 1
-    # k/v repeated to every query head before SDPA: collie does so only with an explicit mask (document
-    # masking, sliding windows, left padding); causal training reads them unexpanded (enable_gqa)
+    # k/v repeated to every query head before SDPA: collie does so only on CUDA with an explicit mask (a sliding
+    # window shorter than the sequence, left padding); causal and per-document attention read them unexpanded
     expand_kv_heads: bool = False
     hold_logits: Optional[bool] = None  # logits alive through backward; None = collie's loop: only under pp
 
@@ -144,8 +144,7 @@ class Setup:
             lora_r=cfg.peft.r, lora_targets=tuple(cfg.peft.target_modules), param_dtype=param_dtype,
             precision=precision(cfg), activation_checkpointing=cfg.model.activation_checkpointing,
             checkpoint_every=cfg.model.checkpoint_every, micro_batch_size=cfg.train.micro_batch_size,
-            seq_len=cfg.data.seq_len, grad_accum_steps=cfg.train.grad_accum_steps,
-            expand_kv_heads=cfg.data.document_masking)
+            seq_len=cfg.data.seq_len, grad_accum_steps=cfg.train.grad_accum_steps)
 
 
 def _choice(name: str, value, choices) -> None:

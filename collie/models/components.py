@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from collie.models.args import ModelArgs
+from collie.models.attention_kernels import DocumentSegments, scaled_dot_product_attention
 
 
 class RMSNorm(nn.Module):
@@ -96,14 +97,6 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
     return x * cos[:, None] + rotate_half(x) * sin[:, None]
 
 
-def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
-    """(batch, kv_heads, seq, d) → (batch, kv_heads·n_rep, seq, d), for SDPA kernels without a GQA mode."""
-    if n_rep == 1:
-        return x
-    b, h, s, d = x.shape
-    return x[:, :, None].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
-
-
 def build_attention_mask(padding_mask: torch.Tensor | None, seq_len: int, sliding_window: int | None,
                          device: torch.device, past_len: int = 0) -> torch.Tensor | None:
     """Boolean (batch|1, 1, seq, past+seq) mask of allowed keys, or None when plain causal attention is exact.
@@ -118,7 +111,7 @@ def build_attention_mask(padding_mask: torch.Tensor | None, seq_len: int, slidin
     total = past_len + seq_len
     windowed = sliding_window is not None and total > sliding_window
     full_mask = padding_mask is not None and padding_mask.dim() == 4
-    if not past_len and not windowed and not full_mask and (padding_mask is None or _is_right_padded(padding_mask)):
+    if not past_len and not windowed and not full_mask and (padding_mask is None or is_right_padded(padding_mask)):
         return None
     query, key = torch.arange(past_len, total, device=device)[:, None], torch.arange(total, device=device)[None]
     allowed = key <= query
@@ -133,7 +126,7 @@ def build_attention_mask(padding_mask: torch.Tensor | None, seq_len: int, slidin
     return allowed
 
 
-def _is_right_padded(padding_mask: torch.Tensor) -> bool:
+def is_right_padded(padding_mask: torch.Tensor) -> bool:
     mask = padding_mask.bool()
     return bool((mask[:, 1:] <= mask[:, :-1]).all())
 
@@ -186,17 +179,17 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(args.num_attention_heads * head_dim, hidden, bias=args.o_bias)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                mask: torch.Tensor | None = None, cache: LayerKV | None = None) -> torch.Tensor:
+                mask: torch.Tensor | DocumentSegments | None = None, cache: LayerKV | None = None) -> torch.Tensor:
+        """``mask``: None (causal), a boolean mask of allowed keys, or the documents of packed rows."""
         batch, seq, _ = x.shape
         q, k, v = (t.transpose(1, 2) for t in self.project(x))
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.append(k, v)
-        n_rep = q.shape[1] // k.shape[1]
-        if mask is None:  # flash attention reads each key/value head for its query group: no repeated copies
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=n_rep > 1)
-        else:  # the memory-efficient kernel (explicit masks) has no GQA mode and would fall back to math
-            out = F.scaled_dot_product_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), attn_mask=mask)
+        if isinstance(mask, DocumentSegments):
+            out = mask.attend(q, k, v)
+        else:
+            out = scaled_dot_product_attention(q, k, v, mask)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -17,7 +17,9 @@ from torch import nn
 
 from collie.errors import ConfigError
 from collie.models.args import ModelArgs
-from collie.models.components import DecoderLayer, KVCache, RMSNorm, RotaryEmbedding, build_attention_mask
+from collie.models.attention_kernels import DocumentSegments
+from collie.models.components import (DecoderLayer, KVCache, RMSNorm, RotaryEmbedding, build_attention_mask,
+                                      is_right_padded)
 from collie.models.registry import register_model
 from collie.schema import from_dict
 
@@ -40,14 +42,18 @@ class LlamaModel(nn.Module):
         self.sliding_window = args.sliding_window
 
     def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+                attention_mask: torch.Tensor | None = None, cache: KVCache | None = None,
+                document_ids: torch.Tensor | None = None) -> torch.Tensor:
         h = tokens if self.embed_tokens is None else self.embed_tokens(tokens)
         seq_len = h.shape[1] if position_ids is None else position_ids.shape[-1]  # h may be sequence-sharded
         past_len = 0 if cache is None else cache.length
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + seq_len, device=h.device)[None]
         cos, sin = self.rotary_emb(position_ids, h.dtype, past_len)
-        mask = build_attention_mask(attention_mask, seq_len, self.sliding_window, h.device, past_len)
+        if document_ids is None:
+            mask = build_attention_mask(attention_mask, seq_len, self.sliding_window, h.device, past_len)
+        else:
+            mask = document_segments(document_ids, attention_mask, cache, self.sliding_window)
         for name, layer in self.layers.items():
             h = layer(h, cos, sin, mask, cache=None if cache is None else cache.layer(name))
         return h if self.norm is None else self.norm(h)
@@ -67,15 +73,17 @@ class LlamaForCausalLM(nn.Module):
         self.tie_weights()
 
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, cache: KVCache | None = None) -> torch.Tensor:
+                attention_mask: torch.Tensor | None = None, cache: KVCache | None = None,
+                document_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits for token ids (or hidden states when ``embed_tokens`` is None).
 
         ``position_ids``: (batch|1, seq), default 0..seq-1 after any cached positions. ``attention_mask``:
         Hugging Face 2-D padding mask over cached and new positions (1 = token, 0 = padding, left padding
         allowed); None = every token is real (causal fast path). ``cache``: a ``KVCache`` for incremental
-        decoding, which then takes only the new tokens.
+        decoding, which then takes only the new tokens. ``document_ids``: (batch, seq) document of each token of
+        packed rows (right padding only, no cache); attention then stays inside each document.
         """
-        h = self.model(input_ids, position_ids, attention_mask, cache)
+        h = self.model(input_ids, position_ids, attention_mask, cache, document_ids)
         return h if self.lm_head is None else self.lm_head(h)
 
     def tie_weights(self) -> None:
@@ -163,6 +171,17 @@ class LlamaForCausalLM(nn.Module):
     def hf_state_dict(cls, state: dict, args: ModelArgs) -> dict:
         """collie state dict → Hugging Face names and layout."""
         return dict(state)
+
+
+def document_segments(document_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: KVCache | None,
+                      sliding_window: int | None) -> DocumentSegments:
+    if cache is not None:
+        raise ValueError("document_ids are for training and evaluation of packed rows; decoding with a cache "
+                         "takes an attention_mask")
+    if attention_mask is not None and (attention_mask.dim() != 2 or not is_right_padded(attention_mask)):
+        raise ValueError("with document_ids, attention_mask may only mark right padding (a 2-D mask); padding "
+                         "inside a row belongs in a document of its own")
+    return DocumentSegments(document_ids, sliding_window)
 
 
 def _param_generator(base: int, name: str, device: torch.device):

@@ -2,8 +2,8 @@
 training (perplexity and exact match of greedy generations), checkpoints mid-run and at the end and exports
 ``final/``; every result must be the one-process run's: the losses and gradient norms of each step, the evaluation
 results, the exported weights, ``collie convert`` of the mid-run checkpoint and ``collie generate`` of ``final/``.
-A run that hangs fails at its timeout. LoRA and AdaLomo run on a representative subset of layouts, and a
-checkpoint saved in one layout resumes in another.
+A run that hangs fails at its timeout. LoRA, AdaLomo and packed documents run on a representative subset of
+layouts, and a checkpoint saved in one layout resumes in another.
 
 Tolerances: the layouts sum the same fp32 values in other orders (tp splits the matmuls, dp the batch, pp nothing),
 which differs by ~1e-7 relative at step 1 and, through 4 AdamW steps (eps 1e-5 as in harness.py: with 1e-8 the
@@ -46,6 +46,8 @@ FEATURES = {
     "adamw": ["optim.name=adamw", "optim.args={eps: 1e-5}"],
     "lora": ["optim.name=adamw", "optim.args={eps: 1e-5}", "peft.method=lora", "optim.lr=1e-2"],
     "adalomo": ["optim.name=adalomo", "optim.lr=1e-2"],
+    # packed conversations, each attending only to itself (per-document attention, no dense mask)
+    "packed": ["optim.name=adamw", "optim.args={eps: 1e-5}", "data.pack=true", "data.document_masking=true"],
 }
 # name -> (ranks, data-parallel degree, layout overrides)
 LAYOUTS = {
@@ -73,6 +75,7 @@ LAYOUTS = {
 MATRIX = [(name, "adamw") for name in LAYOUTS] + [
     ("tp2_sp", "lora"), ("pp2_1f1b", "lora"), ("dp2_zero3", "lora"),
     ("dp2_zero2", "adalomo"), ("dp2_zero3", "adalomo"), ("tp2_sp", "adalomo"),
+    ("tp2_sp", "packed"), ("pp2_1f1b", "packed"), ("dp2_zero3", "packed"),
 ]
 # (saved in, resumed in): the mid-run checkpoint of the first continues in the second
 RESUMES = [("dp2_pp2_zero2", "tp2_sp"), ("tp2_sp", "single")]

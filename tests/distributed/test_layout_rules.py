@@ -100,9 +100,9 @@ def test_pipeline_runner_names_the_batch_key_of_training_or_evaluation():
     runner = PipelineRunner.__new__(PipelineRunner)  # the check runs before any stage is touched
     runner.n_microbatches = 4
     with pytest.raises(ConfigError, match="eval.batch_size=6"):
-        runner._run(False, torch.zeros(6, 8, dtype=torch.long), None, None, None)
+        runner._run(False, torch.zeros(6, 8, dtype=torch.long), None, None)
     with pytest.raises(ConfigError, match="train.micro_batch_size=6"):
-        runner._run(True, torch.zeros(6, 8, dtype=torch.long), None, None, None)
+        runner._run(True, torch.zeros(6, 8, dtype=torch.long), None, None)
 
 
 def test_zero_below_2_refuses_offload_before_wrapping():
