@@ -77,6 +77,69 @@ def test_only_names_configurations_of_the_grid():
         load_grid(LAYOUTS, only=["dp3"])
 
 
+FUSED = os.path.join(ROOT, "configs", "bench", "fused_tiny.yaml")
+
+
+def test_baselines_mirror_the_configuration_they_are_the_reference_of():
+    grid = load_grid(FUSED)
+    assert [(b.name, b.kind, b.against, b.mirror.name) for b in grid.baselines] == [
+        ("hf-adamw", "hf_adamw", ["adamw"], "adamw"),
+        ("lomo-optim-lomo", "lomo_optim_lomo", ["lomo", "lomo-two-pass"], "lomo"),
+        ("lomo-optim-adalomo", "lomo_optim_adalomo", ["adalomo", "adalomo-two-pass"], "adalomo")]
+    only = load_grid(FUSED, only=["adamw", "lomo-two-pass"]).baselines  # --only keeps the baselines it needs
+    assert [(b.name, b.against, b.mirror.name) for b in only] == [("hf-adamw", ["adamw"], "adamw"),
+                                                                  ("lomo-optim-lomo", ["lomo-two-pass"], "lomo-two-pass")]
+
+
+@pytest.mark.parametrize("baseline, message", [
+    ("{name: b, kind: hf_sgd, against: [a]}", "kind 'hf_sgd' is unknown; choose from hf_adamw, lomo_optim_lomo"),
+    ("{name: b, kind: hf_adamw, against: [z]}", "'against' must name configurations of the grid (a, lora, accum); got ['z']"),
+    ("{name: a, kind: hf_adamw, against: [a]}", "a baseline needs a name of its own"),
+    ("{name: b, kind: hf_adamw, against: [lora]}", "runs one process without PEFT"),
+    ("{name: b, kind: lomo_optim_lomo, against: [accum]}", "lomo-optim has no gradient accumulation"),
+])
+def test_a_bad_baseline_names_the_problem(tmp_path, baseline, message):
+    path = write(tmp_path / "g.yaml", f"""
+base: {os.path.join(ROOT, "configs", "quickstart.yaml")}
+configs: [{{name: a}}, {{name: lora, overrides: [peft.method=lora]}}, {{name: accum, overrides: [train.grad_accum_steps=2]}}]
+baselines: [{baseline}]
+""")
+    with pytest.raises(ConfigError) as error:
+        load_grid(path)
+    assert f"{path}: baseline" in str(error.value) and message in str(error.value)
+
+
+def test_ratios_divide_collie_by_its_baseline():
+    from collie.bench.report import ratios, render_markdown
+    rows = [{"name": "adamw", "status": "ok", "tokens_per_s_per_gpu": 300.0, "peak_mem_gib": 1.0},
+            {"name": "hf", "status": "ok", "tokens_per_s_per_gpu": 200.0, "peak_mem_gib": 2.0},
+            {"name": "adalomo", "status": "ok", "tokens_per_s_per_gpu": 100.0, "peak_mem_gib": 1.0},
+            {"name": "ref", "status": "skipped: needs CUDA"}]
+    assert ratios(rows, {"hf": ["adamw"], "ref": ["adalomo"]}) == [
+        {"name": "adamw", "baseline": "hf", "tokens_ratio": 1.5, "memory_ratio": 0.5},
+        {"name": "adalomo", "baseline": "ref", "tokens_ratio": None, "memory_ratio": None}]
+    markdown = render_markdown(rows, "t", {}, references={"hf": ["adamw"]})
+    assert "| adamw | hf | 1.50 | 0.50 |" in markdown
+
+
+def test_a_baseline_trains_the_configurations_model_outside_collie(tmp_path):
+    """hf_adamw on the quickstart model: a transformers LlamaForCausalLM of the tiny card's size."""
+    from collie.bench.runner import run_baseline
+    grid = load_grid(write(tmp_path / "g.yaml", f"""
+base: {os.path.join(ROOT, "configs", "quickstart.yaml")}
+warmup_steps: 1
+steps: 2
+overrides: [train.micro_batch_size=4, data.seq_len=32, train.device=cpu]
+configs: [{{name: adamw}}]
+baselines: [{{name: hf, kind: hf_adamw, against: [adamw]}}]
+"""))
+    row = run_baseline(grid.baselines[0], grid, str(tmp_path))
+    assert row["status"] == "ok" and row["timed_steps"] == 2 and row["layout"] == "baseline of adamw"
+    assert row["params"] == 857216 and row["optimizer"] == "transformers + torch AdamW"
+    assert row["tokens_per_s_per_gpu"] == pytest.approx(4 * 32 / row["step_time_s"])
+    assert 0 < row["final_loss"] < 10 and 0.05 < row["peak_mem_gib"] < 8
+
+
 def test_summary_excludes_warmup_steps_and_takes_medians(tmp_path):
     rows = [{"step": s, "loss": 5.0 - s, "step_time_s": t, "tokens_per_s_per_gpu": 1000 / t, "mfu": None,
              "peak_mem_gib": m} for s, t, m in [(1, 9.0, 7.0), (2, 8.0, 1.0), (3, 1.0, 1.5), (4, 3.0, 1.2),

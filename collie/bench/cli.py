@@ -5,8 +5,10 @@
     collie bench GRID model.card=tiny train.precision=fp32 --out outputs/smoke   # overrides for every run
     collie bench GRID --dry-run                                        # validate and list the commands
 
-Each configuration runs as ``collie train`` in its own processes (one per rank); the output folder gets one
-run directory per configuration and results.csv, results.md and results.png.
+Each configuration runs as ``collie train`` in its own processes (one per rank), each baseline of the grid
+(``collie.bench.baseline``: the same model in plain transformers + torch AdamW, or lomo-optim) in a process of its
+own; the output folder gets one run directory per configuration and results.csv, results.md (with collie ÷
+baseline ratios of tokens/s and peak memory) and results.png.
 """
 from __future__ import annotations
 
@@ -30,12 +32,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, help="timed steps per configuration (replaces the grid's)")
     parser.add_argument("--warmup", type=int, help="untimed warm-up steps (replaces the grid's)")
     parser.add_argument("--no-plot", action="store_true", help="skip results.png (no matplotlib needed)")
+    parser.add_argument("--no-baselines", action="store_true", help="skip the grid's baselines (transformers + "
+                                                                     "torch AdamW, lomo-optim)")
     parser.add_argument("--dry-run", action="store_true", help="validate the grid and print the commands")
     return parser
 
 
 def bench_main(argv=None) -> int:
-    """Entry point of ``collie bench``: 0 when every configuration ran, 1 when some failed, 2 on bad input."""
+    """Entry point of ``collie bench``: 0 when every configuration ran (baselines that cannot run on this device
+    are skipped), 1 when some failed, 2 on bad input."""
     options = build_parser().parse_intermixed_args(argv)  # overrides may follow the options
     try:
         return _bench(options)
@@ -47,16 +52,20 @@ def bench_main(argv=None) -> int:
 def _bench(options) -> int:
     from collie.bench.grid import load_grid
     from collie.bench.report import require_matplotlib, write_report
-    from collie.bench.runner import run_one
+    from collie.bench.runner import run_baseline, run_one
     for flag in ("steps", "warmup"):
         value = getattr(options, flag)
         if value is not None and value < (1 if flag == "steps" else 0):
             raise CollieError(f"--{flag}={value} is out of range: must be >= {1 if flag == 'steps' else 0}")
     grid = load_grid(options.grid, options.overrides, options.only, options.steps, options.warmup)
+    baselines = [] if options.no_baselines else grid.baselines
     if options.dry_run:
         for run in grid.runs:
             print(f"{run.name}: {run.nproc} rank(s), {run.layout()}: collie train {run.base} "
                   f"{shlex.join(run.overrides)}")
+        for baseline in baselines:
+            print(f"{baseline.name}: baseline {baseline.kind} on the setting of {baseline.mirror.name}, the "
+                  f"reference of {', '.join(baseline.against)}")
         return 0
     if not options.no_plot:
         require_matplotlib()  # fail before hours of runs, not after
@@ -64,14 +73,15 @@ def _bench(options) -> int:
     os.makedirs(out_dir, exist_ok=True)
     _setup_logging()
     rows = [run_one(run, grid, out_dir) for run in grid.runs]
+    rows += [run_baseline(baseline, grid, out_dir) for baseline in baselines]
     notes = (f"Grid `{options.grid}`; {grid.warmup_steps} warm-up step(s), then the median of {grid.steps} timed "
              f"step(s). Peak memory: the largest of any rank and timed step (CPU: the process's maximum RSS).")
     paths = write_report(rows, out_dir, f"collie bench: {os.path.basename(options.grid)}", notes,
-                         with_plot=not options.no_plot)
+                         with_plot=not options.no_plot, references={b.name: b.against for b in baselines})
     with open(paths["markdown"]) as f:
         print(f.read())
     print("wrote " + ", ".join(paths.values()))
-    return 0 if all(r["status"] == "ok" for r in rows) else 1
+    return 0 if all(r["status"] == "ok" or r["status"].startswith("skipped") for r in rows) else 1
 
 
 def _setup_logging() -> None:

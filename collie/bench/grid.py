@@ -9,6 +9,8 @@
       - [{name: adamw}, {name: lion, overrides: [optim.name=lion, optim.lr=3e-4]}]
     configs:                          # … and/or explicit configurations
       - {name: lora-r8, overrides: [peft.method=lora, peft.r=8]}
+    baselines:                        # reference steps outside collie (collie/bench/baseline.py)
+      - {name: hf-adamw, kind: hf_adamw, against: [adamw]}   # mirrors configuration adamw; ratios for each
 
 A product's name joins its options' names with '/'. Every configuration is validated as a ``CollieConfig``
 when the grid loads, so a typo fails before anything runs.
@@ -36,6 +38,15 @@ class BenchOption:
 
 
 @dataclass
+class BaselineOption:
+    """A baseline as written: its name, kind (``collie.bench.baseline.KINDS``) and the configurations it is the
+    reference of (the first one's model, batch and hyper-parameters are mirrored)."""
+    name: str = ""
+    kind: str = ""
+    against: list[str] = field(default_factory=list)
+
+
+@dataclass
 class BenchGridFile:
     """The YAML file, as written."""
     base: str = ""
@@ -47,6 +58,7 @@ class BenchGridFile:
     overrides: list[str] = field(default_factory=list)
     axes: list[list[BenchOption]] = field(default_factory=list)
     configs: list[BenchOption] = field(default_factory=list)
+    baselines: list[BaselineOption] = field(default_factory=list)
 
 
 @dataclass
@@ -60,13 +72,30 @@ class BenchRun:
 
     @property
     def slug(self) -> str:
-        """The name as a directory name."""
-        return re.sub(r"[^A-Za-z0-9_.-]+", "_", self.name)
+        return slug(self.name)
 
     def layout(self) -> str:
         p = self.config.parallel
         dp = p.dp if p.dp > 0 else self.nproc // (p.tp * p.pp)
         return f"dp{dp} tp{p.tp} pp{p.pp} zero{p.zero_stage}"
+
+
+@dataclass
+class BaselineRun:
+    """A baseline to run: ``kind`` on the setting of ``mirror``, compared with the runs named in ``against``."""
+    name: str
+    kind: str
+    against: list[str]
+    mirror: BenchRun
+
+    @property
+    def slug(self) -> str:
+        return slug(self.name)
+
+
+def slug(name: str) -> str:
+    """A configuration's name as a directory name."""
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name)
 
 
 @dataclass
@@ -77,6 +106,7 @@ class BenchGrid:
     threads_per_rank: int
     timeout_s: int
     runs: list[BenchRun]
+    baselines: list[BaselineRun] = field(default_factory=list)
 
 
 def load_grid(path: str, extra_overrides=(), only=None, steps: int | None = None,
@@ -97,7 +127,33 @@ def load_grid(path: str, extra_overrides=(), only=None, steps: int | None = None
     runs = [_validate(path, name, nproc or spec.nproc, base, [*spec.overrides, *overrides, *extra_overrides],
                       warmup_steps + steps)
             for name, nproc, overrides in options if not only or name in only]
-    return BenchGrid(path, warmup_steps, steps, spec.threads_per_rank, spec.timeout_s, runs)
+    baselines = _baselines(path, spec.baselines, names, runs)
+    return BenchGrid(path, warmup_steps, steps, spec.threads_per_rank, spec.timeout_s, runs, baselines)
+
+
+def _baselines(path: str, options: list[BaselineOption], names: list[str], runs: list[BenchRun]) -> list[BaselineRun]:
+    """The baselines of the selected runs, each checked against the configuration it mirrors."""
+    from collie.bench.baseline import KINDS, check_supported
+    selected, baselines = {run.name: run for run in runs}, []
+    for option in options:
+        where = f"{path}: baseline '{option.name}'"
+        if not option.name or option.name in names:
+            raise ConfigError(f"{where}: a baseline needs a name of its own (configurations: {', '.join(names)})")
+        if option.kind not in KINDS:
+            raise ConfigError(f"{where}: kind {option.kind!r} is unknown; choose from {', '.join(KINDS)}")
+        unknown = [name for name in option.against if name not in names]
+        if not option.against or unknown:
+            raise ConfigError(f"{where}: 'against' must name configurations of the grid ({', '.join(names)}); "
+                              f"got {option.against}")
+        against = [name for name in option.against if name in selected]
+        if not against:  # --only left out every configuration it is the reference of
+            continue
+        try:
+            check_supported(option.kind, selected[against[0]].config)
+        except ConfigError as error:
+            raise ConfigError(f"{where}: {error}") from None
+        baselines.append(BaselineRun(option.name, option.kind, against, selected[against[0]]))
+    return baselines
 
 
 def _read(path: str) -> BenchGridFile:

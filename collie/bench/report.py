@@ -17,6 +17,8 @@ COLUMNS = [
     ("step_time_s", "step s (median)", "{:.3f}"), ("mfu", "MFU", "{:.1%}"), ("peak_mem_gib", "peak GiB", "{:.2f}"),
     ("final_loss", "final loss", "{:.4f}"), ("eval_loss", "eval loss", "{:.4f}"), ("status", "status", "{}"),
 ]
+RATIO_COLUMNS = [("name", "configuration", "{}"), ("baseline", "baseline", "{}"),
+                 ("tokens_ratio", "tokens/s ÷ baseline", "{:.2f}"), ("memory_ratio", "peak memory ÷ baseline", "{:.2f}")]
 CSV_FIELDS = ["name", "nproc", "layout", "optimizer", "peft", "dtype", "precision", "micro_batch_size", "seq_len",
               "params", "trainable_params", "timed_steps", "step_time_s", "tokens_per_s_per_gpu", "mfu",
               "peak_mem_gib", "final_loss", "eval_loss", "status"]
@@ -41,15 +43,36 @@ def write_csv(rows: list[dict], path: str) -> None:
         writer.writerows(rows)
 
 
-def render_markdown(rows: list[dict], title: str, env: dict, notes: str = "") -> str:
-    header = "| " + " | ".join(h for _, h, _ in COLUMNS) + " |"
+def ratios(rows: list[dict], references: dict[str, list[str]]) -> list[dict]:
+    """collie ÷ baseline, in tokens/s and in peak memory, for every configuration a baseline is the reference
+    of (``references``: baseline name → configuration names); None where either did not run."""
+    by_name = {row["name"]: row for row in rows}
+    out = []
+    for baseline, names in references.items():
+        reference = by_name[baseline]
+        for name in names:
+            row, ok = by_name[name], reference.get("status") == "ok" and by_name[name].get("status") == "ok"
+            out.append({"name": name, "baseline": baseline,
+                        "tokens_ratio": row["tokens_per_s_per_gpu"] / reference["tokens_per_s_per_gpu"] if ok else None,
+                        "memory_ratio": row["peak_mem_gib"] / reference["peak_mem_gib"] if ok else None})
+    return out
+
+
+def render_markdown(rows: list[dict], title: str, env: dict, notes: str = "",
+                    references: dict[str, list[str]] | None = None) -> str:
     lines = [f"# {title}", "", ", ".join(f"{k} {v}" for k, v in env.items()), ""]
     if notes:
         lines += [notes, ""]
-    lines += [header, "|" + "---|" * len(COLUMNS)]
-    for row in rows:
-        lines.append("| " + " | ".join(_cell(row.get(key), fmt) for key, _, fmt in COLUMNS) + " |")
+    lines += _table(COLUMNS, rows)
+    if references:
+        lines += ["", "collie ÷ baseline, measured in the same `collie bench` run:", ""]
+        lines += _table(RATIO_COLUMNS, ratios(rows, references))
     return "\n".join(lines) + "\n"
+
+
+def _table(columns, rows: list[dict]) -> list[str]:
+    lines = ["| " + " | ".join(h for _, h, _ in columns) + " |", "|" + "---|" * len(columns)]
+    return lines + ["| " + " | ".join(_cell(row.get(key), fmt) for key, _, fmt in columns) + " |" for row in rows]
 
 
 def _cell(value, fmt: str) -> str:
@@ -94,12 +117,14 @@ def plot(rows: list[dict], path: str, title: str) -> None:
     plt.close(fig)
 
 
-def write_report(rows: list[dict], out_dir: str, title: str, notes: str = "", with_plot: bool = True) -> dict:
-    """Write ``results.csv``, ``results.md`` (and ``results.png``); return their paths."""
+def write_report(rows: list[dict], out_dir: str, title: str, notes: str = "", with_plot: bool = True,
+                 references: dict[str, list[str]] | None = None) -> dict:
+    """Write ``results.csv``, ``results.md`` (with the collie ÷ baseline table when ``references`` maps baseline
+    rows to the configurations they are the reference of) and ``results.png``; return their paths."""
     paths = {"csv": os.path.join(out_dir, "results.csv"), "markdown": os.path.join(out_dir, "results.md")}
     write_csv(rows, paths["csv"])
     with open(paths["markdown"], "w") as f:
-        f.write(render_markdown(rows, title, environment(), notes))
+        f.write(render_markdown(rows, title, environment(), notes, references))
     if with_plot:
         paths["png"] = os.path.join(out_dir, "results.png")
         plot(rows, paths["png"], title)

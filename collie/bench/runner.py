@@ -8,7 +8,8 @@ import shlex
 import shutil
 import statistics
 
-from collie.bench.grid import BenchGrid, BenchRun
+from collie.bench.baseline import KINDS
+from collie.bench.grid import BaselineRun, BenchGrid, BenchRun
 from collie.distributed.launch import DistributedRunError, run_distributed
 from collie.errors import CollieError
 
@@ -42,6 +43,28 @@ def run_one(run: BenchRun, grid: BenchGrid, out_dir: str) -> dict:
         lines = [line for line in str(error).splitlines() if line.strip()]
         row["status"] = f"failed: {lines[-1] if lines else type(error).__name__}"
         logger.error("bench %s failed (logs in %s): %s", run.name, os.path.join(run_dir, "ranks"), error)
+    return row
+
+
+def run_baseline(baseline: BaselineRun, grid: BenchGrid, out_dir: str) -> dict:
+    """Run a baseline (``collie.bench.baseline``) in its own process on the setting of the configuration it
+    mirrors; return its row, like a configuration's."""
+    mirror = baseline.mirror
+    run_dir = os.path.abspath(os.path.join(out_dir, baseline.slug))
+    shutil.rmtree(run_dir, ignore_errors=True)
+    os.makedirs(run_dir)
+    logger.info("bench baseline %s: %s on the setting of %s", baseline.name, KINDS[baseline.kind], mirror.name)
+    row = {**describe(mirror), "name": baseline.name, "layout": f"baseline of {', '.join(baseline.against)}",
+           "optimizer": KINDS[baseline.kind]}
+    args = [baseline.kind, mirror.base, *mirror.overrides, "--warmup", grid.warmup_steps, "--steps", grid.steps]
+    try:
+        result = run_distributed("collie.bench.baseline", 1, args, timeout_s=grid.timeout_s,
+                                 threads_per_rank=grid.threads_per_rank, result_dir=run_dir)[0]
+        row.update(result or {"status": "failed: the baseline wrote no result"})
+    except DistributedRunError as error:
+        lines = [line for line in str(error).splitlines() if line.strip()]
+        row["status"] = f"failed: {lines[-1] if lines else type(error).__name__}"
+        logger.error("bench baseline %s failed (log in %s): %s", baseline.name, run_dir, error)
     return row
 
 
