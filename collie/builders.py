@@ -82,7 +82,7 @@ def build_model(cfg, args, ctx):
             model = model.to(dtype)
         model = apply_peft(model, cfg.peft, seed)
         apply_activation_checkpointing(model, m.activation_checkpointing, m.checkpoint_every)
-        return compile_layers(model, cfg.train)
+        return compile_layers(model, cfg)
     meta = apply_peft(build_arch(args, device="meta").to(dtype), cfg.peft, seed, ctx.world_size)
     adapters = lora_initial_state(meta, seed) if cfg.peft.method == "lora" else {}
     options = dict(activation_checkpointing=m.activation_checkpointing, checkpoint_every=m.checkpoint_every,
@@ -98,16 +98,23 @@ def build_model(cfg, args, ctx):
         if adapters:
             load_full_state_dict(model, adapters)
     for part in model.parts:
-        compile_layers(part, cfg.train)
+        compile_layers(part, cfg)
     return model
 
 
-def compile_layers(model, train_cfg):
+def compile_layers(model, cfg):
     """``torch.compile`` each decoder layer in place (``train.compile``): layer by layer keeps compile time and
-    graph breaks local, and composes with activation checkpointing, FSDP2 and pipeline stages."""
-    if train_cfg.compile:
-        for layer in model.model.layers.values():
-            layer.compile(backend=train_cfg.compile_backend)
+    graph breaks local, and composes with activation checkpointing, FSDP2 and pipeline stages.
+
+    A fused optimizer's norm pass (clipping, fp16) backpropagates twice through one graph (``retain_graph``),
+    which compiled backwards with donated buffers refuse: those are turned off (process-wide) for them."""
+    from collie.optim import is_fused_optimizer
+    if not cfg.train.compile:
+        return model
+    if is_fused_optimizer(cfg.optim.name):
+        torch._functorch.config.donated_buffer = False
+    for layer in model.model.layers.values():
+        layer.compile(backend=cfg.train.compile_backend)
     return model
 
 

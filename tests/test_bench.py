@@ -140,6 +140,25 @@ baselines: [{{name: hf, kind: hf_adamw, against: [adamw]}}]
     assert 0 < row["final_loss"] < 10 and 0.05 < row["peak_mem_gib"] < 8
 
 
+def test_repeat_rotates_the_order_and_reports_the_median_round(tmp_path, monkeypatch):
+    calls = []
+
+    def fake(item, grid, out_dir):
+        calls.append(item.name)
+        return {"name": item.name, "status": "ok", "step_time_s": float(len(calls)), "tokens_per_s_per_gpu": 1.0,
+                "peak_mem_gib": 1.0}
+    monkeypatch.setattr("collie.bench.runner.run_one", fake)
+    monkeypatch.setattr("collie.bench.runner.run_baseline", fake)
+    out = tmp_path / "out"
+    assert bench_main([FUSED, "--only", "adamw", "lomo", "--repeat", "3", "--no-plot", "--out", str(out)]) == 0
+    assert calls == ["adamw", "lomo", "hf-adamw", "lomo-optim-lomo",
+                     "lomo", "hf-adamw", "lomo-optim-lomo", "adamw",
+                     "hf-adamw", "lomo-optim-lomo", "adamw", "lomo"]
+    rows = {r["name"]: r for r in csv.DictReader(open(out / "results.csv"))}
+    assert rows["adamw"]["step_time_s"] == "8.0" and rows["lomo"]["step_time_s"] == "5.0"  # of 1, 8, 11 / 2, 5, 12
+    assert "3 rounds over the grid in rotated orders" in (out / "results.md").read_text()
+
+
 def test_summary_excludes_warmup_steps_and_takes_medians(tmp_path):
     rows = [{"step": s, "loss": 5.0 - s, "step_time_s": t, "tokens_per_s_per_gpu": 1000 / t, "mfu": None,
              "peak_mem_gib": m} for s, t, m in [(1, 9.0, 7.0), (2, 8.0, 1.0), (3, 1.0, 1.5), (4, 3.0, 1.2),

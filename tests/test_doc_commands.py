@@ -63,6 +63,7 @@ SHORT_RUN["compare"] = SHORT_RUN["train"]
 # Appended to single commands that would run many jobs: fewer of them (same code paths).
 SHORTER = {
     "collie bench configs/bench/layouts_tiny.yaml": ["--only", "pp2"],
+    "collie bench configs/bench/fused_tiny.yaml --repeat 3": ["--only", "adamw", "--repeat", "1"],
     "collie bench configs/bench/optimizers_tiny.yaml --only adamw lion": ["--only", "lion"],
     "collie bench GRID model.card=tiny --steps 3 --warmup 1 --out DIR": ["--only", "adamw"],
     "python examples/compare_optimizers.py configs/sft_optimizers.yaml": ["--optimizers", "adamw"],

@@ -212,6 +212,19 @@ def test_chunked_loss_and_compiled_layers_train_like_the_plain_model(tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_compiled_layers_take_a_fused_optimizers_two_pass_backward(tmp_path):
+    """LOMO with norm clipping backpropagates twice through one graph (retain_graph), which compiled backwards
+    with donated buffers refuse; collie turns those off for fused optimizers under train.compile."""
+    fused = ("train.max_steps=2", "optim.name=lomo", "optim.args={}", "optim.lr=1e-2", "optim.clip_grad_norm=1.0",
+             "data.pad_to_multiple_of=64")
+    plain = Trainer(config(tmp_path / "a", *fused))
+    plain.fit()
+    compiled = Trainer(config(tmp_path / "b", *fused, "train.compile=true", "train.compile_backend=aot_eager"))
+    compiled.fit()
+    for (name, a), b in zip(plain.model.state_dict().items(), compiled.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_chunked_loss_sum_equals_the_full_loss_and_its_gradient():
     from collie.loss import causal_lm_loss_sum, chunked_lm_loss_sum
     torch.manual_seed(0)

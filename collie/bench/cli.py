@@ -32,6 +32,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, help="timed steps per configuration (replaces the grid's)")
     parser.add_argument("--warmup", type=int, help="untimed warm-up steps (replaces the grid's)")
     parser.add_argument("--no-plot", action="store_true", help="skip results.png (no matplotlib needed)")
+    parser.add_argument("--repeat", type=int, default=1, help="run the whole grid this many times, each round in "
+                        "a rotated order, and report each configuration's median round: on a shared machine the "
+                        "load then falls on all configurations alike")
     parser.add_argument("--no-baselines", action="store_true", help="skip the grid's baselines (transformers + "
                                                                      "torch AdamW, lomo-optim)")
     parser.add_argument("--dry-run", action="store_true", help="validate the grid and print the commands")
@@ -53,10 +56,10 @@ def _bench(options) -> int:
     from collie.bench.grid import load_grid
     from collie.bench.report import require_matplotlib, write_report
     from collie.bench.runner import run_baseline, run_one
-    for flag in ("steps", "warmup"):
+    for flag in ("steps", "warmup", "repeat"):
         value = getattr(options, flag)
-        if value is not None and value < (1 if flag == "steps" else 0):
-            raise CollieError(f"--{flag}={value} is out of range: must be >= {1 if flag == 'steps' else 0}")
+        if value is not None and value < (0 if flag == "warmup" else 1):
+            raise CollieError(f"--{flag}={value} is out of range: must be >= {0 if flag == 'warmup' else 1}")
     grid = load_grid(options.grid, options.overrides, options.only, options.steps, options.warmup)
     baselines = [] if options.no_baselines else grid.baselines
     if options.dry_run:
@@ -72,16 +75,32 @@ def _bench(options) -> int:
     out_dir = options.out or os.path.join("outputs", "bench", os.path.splitext(os.path.basename(options.grid))[0])
     os.makedirs(out_dir, exist_ok=True)
     _setup_logging()
-    rows = [run_one(run, grid, out_dir) for run in grid.runs]
-    rows += [run_baseline(baseline, grid, out_dir) for baseline in baselines]
+    jobs = [(run_one, run) for run in grid.runs] + [(run_baseline, baseline) for baseline in baselines]
+    rounds = [[] for _ in jobs]
+    for index in range(options.repeat):
+        for position in [*range(index % len(jobs), len(jobs)), *range(index % len(jobs))]:
+            function, item = jobs[position]
+            rounds[position].append(function(item, grid, out_dir))
+    rows = [median_round(results) for results in rounds]
     notes = (f"Grid `{options.grid}`; {grid.warmup_steps} warm-up step(s), then the median of {grid.steps} timed "
              f"step(s). Peak memory: the largest of any rank and timed step (CPU: the process's maximum RSS).")
+    if options.repeat > 1:
+        notes += (f" {options.repeat} rounds over the grid in rotated orders; each row is its configuration's "
+                  f"round of median step time.")
     paths = write_report(rows, out_dir, f"collie bench: {os.path.basename(options.grid)}", notes,
                          with_plot=not options.no_plot, references={b.name: b.against for b in baselines})
     with open(paths["markdown"]) as f:
         print(f.read())
     print("wrote " + ", ".join(paths.values()))
     return 0 if all(r["status"] == "ok" or r["status"].startswith("skipped") for r in rows) else 1
+
+
+def median_round(results: list[dict]) -> dict:
+    """Of one configuration's rounds: the first failure, or the round of median step time (a measured row)."""
+    failed = [row for row in results if row["status"] != "ok"]
+    if failed:
+        return failed[0]
+    return sorted(results, key=lambda row: row["step_time_s"])[(len(results) - 1) // 2]
 
 
 def _setup_logging() -> None:
