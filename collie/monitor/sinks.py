@@ -52,13 +52,16 @@ def _strict(value):
     return value
 
 
-def _drop_rows_from(path: str, step: int) -> None:
-    """Rewrite ``path`` (atomically) without rows of ``step`` or later and without unreadable lines."""
+def _drop_rows_from(path: str, step: int, row_step=None, header_lines: int = 0) -> None:
+    """Rewrite ``path`` (atomically) without rows of ``step`` or later and without unreadable lines
+    (``row_step``: a line's step or None, default JSON lines; the first ``header_lines`` lines are kept)."""
     if not os.path.exists(path):
         return
+    row_step = row_step or _row_step
     with open(path) as f:
         lines = f.readlines()
-    kept = [line for line in lines if _row_step(line) is not None and _row_step(line) < step]
+    kept = lines[:header_lines] + [line for line in lines[header_lines:]
+                                   if row_step(line) is not None and row_step(line) < step]
     if len(kept) == len(lines):
         return
     tmp = f"{path}.tmp"
@@ -77,9 +80,16 @@ def _row_step(line: str) -> int | None:
     return step if isinstance(step, int) else None
 
 
+def _csv_row_step(line: str) -> int | None:
+    """The step of a CSV row (its first column), None for a line cut short by a crash."""
+    first = line.split(",", 1)[0]
+    return int(first) if line.endswith("\n") and first.isdigit() else None
+
+
 class CsvSink(Sink):
     """``metrics.csv`` (training steps) and ``eval_metrics.csv`` (evaluations); each file takes the columns of
-    its first row (keys first seen later are left out)."""
+    its first row (keys first seen later are left out). Like ``metrics.jsonl``, a resumed run first drops the
+    rows of the steps it recomputes."""
 
     def __init__(self, output_dir: str):
         self.output_dir = output_dir
@@ -89,7 +99,9 @@ class CsvSink(Sink):
         kind = "eval_metrics" if metrics and all(k.startswith("eval/") for k in metrics) else "metrics"
         row = {"step": step, **metrics}
         if kind not in self.writers:
-            self.files[kind] = open(os.path.join(self.output_dir, f"{kind}.csv"), "a", newline="")
+            path = os.path.join(self.output_dir, f"{kind}.csv")
+            _drop_rows_from(path, step, _csv_row_step, header_lines=1)
+            self.files[kind] = open(path, "a", newline="")
             self.writers[kind] = csv.DictWriter(self.files[kind], fieldnames=list(row), extrasaction="ignore")
             if self.files[kind].tell() == 0:
                 self.writers[kind].writeheader()

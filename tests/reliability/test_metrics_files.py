@@ -1,5 +1,5 @@
-"""metrics.jsonl is strict JSON (NaN and ±inf as strings) and holds each step once after a resume, also when the
-crash cut its last line short (the resumed-run case end to end: test_checkpoint_integrity)."""
+"""metrics.jsonl is strict JSON (NaN and ±inf as strings); it and metrics.csv hold each step once after a resume,
+also when the crash cut the last line short (the resumed-run case end to end: test_checkpoint_integrity)."""
 import json
 import math
 
@@ -30,3 +30,22 @@ def test_a_resumed_run_replaces_the_recomputed_steps(tmp_path):
         sink.write(step, {"loss": 1.0})
     sink.close()
     assert [(r["step"], r["loss"]) for r in strict_rows(path)] == [(1, 9.0), (2, 8.0), (3, 1.0), (4, 1.0)]
+
+
+def test_metrics_csv_also_holds_each_step_once_after_a_resume(tmp_path):
+    import csv
+    from collie.monitor.sinks import CsvSink
+    first = CsvSink(str(tmp_path))
+    for step in range(1, 6):
+        first.write(step, {"loss": 10.0 - step})
+    first.write(4, {"eval/perplexity": 3.0})
+    first.close()
+    with open(tmp_path / "metrics.csv", "a") as f:
+        f.write("6,4.")  # cut short by a crash
+    resumed = CsvSink(str(tmp_path))  # resumed at step 2
+    for step in (3, 4):
+        resumed.write(step, {"loss": 1.0})
+    resumed.close()
+    rows = list(csv.DictReader(open(tmp_path / "metrics.csv")))
+    assert [(r["step"], r["loss"]) for r in rows] == [("1", "9.0"), ("2", "8.0"), ("3", "1.0"), ("4", "1.0")]
+    assert [r["step"] for r in csv.DictReader(open(tmp_path / "eval_metrics.csv"))] == ["4"]  # no eval rewritten
