@@ -8,7 +8,7 @@ import torch
 import transformers
 
 import collie.models as cm
-from collie.errors import ConfigError
+from collie.errors import CheckpointError, ConfigError
 from collie.models import LlamaForCausalLM, ModelArgs, build_model, get_model_class, load_card, register_model
 from tolerance import assert_logits_close
 
@@ -24,6 +24,14 @@ FAMILIES = {  # name: (transformers class, config class, extra config)
     "llama-biases": ("LlamaForCausalLM", "LlamaConfig", {"attention_bias": True, "mlp_bias": True}),
     "mistral-window": ("MistralForCausalLM", "MistralConfig", {"num_key_value_heads": 2, "sliding_window": 7}),
     "qwen2-tied": ("Qwen2ForCausalLM", "Qwen2Config", {"num_key_value_heads": 1, "tie_word_embeddings": True}),
+    # QK-norm, and a head_dim that is not hidden_size / num_attention_heads
+    "qwen3-head-dim": ("Qwen3ForCausalLM", "Qwen3Config", {"num_key_value_heads": 2, "head_dim": 24}),
+    "qwen3-window-biases": ("Qwen3ForCausalLM", "Qwen3Config", {
+        "num_key_value_heads": 4, "head_dim": 16, "use_sliding_window": True, "sliding_window": 7,
+        "max_window_layers": 0, "attention_bias": True}),
+    # fused qkv_proj and gate_up_proj in the checkpoint
+    "phi3-window": ("Phi3ForCausalLM", "Phi3Config", {"num_key_value_heads": 2, "sliding_window": 7,
+                                                      "eos_token_id": 2, "pad_token_id": 0}),
 }
 
 
@@ -84,8 +92,11 @@ def test_right_padding_takes_causal_path_with_same_token_outputs(pair):
 
 
 def test_parameter_names_are_hugging_face_names(pair):
+    """Through the family's mapping, which is the identity but for Phi-3's fused projections."""
     hf, model = pair
-    assert set(model.state_dict()) == set(hf.state_dict())
+    assert set(type(model).hf_state_dict(model.state_dict(), model.args)) == set(hf.state_dict())
+    if not isinstance(model, cm.Phi3ForCausalLM):
+        assert set(model.state_dict()) == set(hf.state_dict())
     assert not any("rotary" in name for name in model.state_dict())
 
 
@@ -160,9 +171,30 @@ def test_rope_stays_fp32_when_model_is_cast():
     assert model(torch.randint(0, 128, (1, 5))).dtype == torch.bfloat16
 
 
-def test_num_params_counts_biases_and_untied_head():
-    model = build_model(tiny_args(qkv_bias=True, o_bias=True, mlp_bias=True), "cpu", seed=0)
+@pytest.mark.parametrize("extra", [{"qkv_bias": True, "o_bias": True, "mlp_bias": True},
+                                   {"architecture": "qwen3", "qk_norm": True, "head_dim": 24}])
+def test_num_params_counts_biases_qk_norms_and_untied_head(extra):
+    model = build_model(tiny_args(**extra), "cpu", seed=0)
     assert sum(p.numel() for p in model.parameters()) == model.args.num_params()
+
+
+def test_families_refuse_what_their_checkpoints_cannot_hold(tmp_path):
+    with pytest.raises(ConfigError, match="LlamaForCausalLM checkpoints have no q_norm/k_norm.*use architecture qwen3"):
+        build_model(tiny_args(qk_norm=True), "cpu", seed=0).save_pretrained(tmp_path / "llama")
+    with pytest.raises(ConfigError, match="qwen3 normalizes queries and keys: set qk_norm: true"):
+        build_model(tiny_args(architecture="qwen3"))
+    config = {**cm.Phi3ForCausalLM.hf_config(tiny_args(architecture="phi3")),
+              "rope_parameters": {"rope_type": "default", "rope_theta": 1e4, "partial_rotary_factor": 0.75}}
+    with pytest.raises(ConfigError, match="partial_rotary_factor=0.75"):
+        cm.Phi3ForCausalLM.args_from_hf(config)
+
+
+def test_phi3_fused_projection_of_the_wrong_size_names_the_tensor(tmp_path):
+    model = build_model(tiny_args(architecture="phi3"), "cpu", seed=0)
+    model.save_pretrained(tmp_path / "phi3")
+    with pytest.raises(CheckpointError, match=r"model.layers.0.self_attn.q_proj.weight: checkpoint has "
+                                                      r"\(128, 64\) \(model.layers.0.self_attn.qkv_proj.weight in"):
+        cm.from_pretrained(tmp_path / "phi3", args_overrides={"num_key_value_heads": 1})
 
 
 def test_model_args_validation():

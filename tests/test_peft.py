@@ -171,6 +171,27 @@ def test_adapter_keys_follow_the_architecture_names(tmp_path):
     assert sorted(restored.lora_spec.target_modules) == ["o_proj"]
 
 
+def test_packed_targets_are_refused_before_training_and_the_others_load_in_peft(tmp_path):
+    """Phi-3 checkpoints fuse q/k/v and gate/up: a run's adapter on them could not be saved for peft, so
+    apply_peft refuses them at the start; o_proj/down_proj adapters load in peft with the same logits."""
+    args = ModelArgs(**{**ARGS.__dict__, "architecture": "phi3"})
+    cfg = CollieConfig.from_dict(BASE_CONFIG, ["peft.method=lora"]).peft  # default targets: q_proj, v_proj
+    with pytest.raises(ConfigError, match="q_proj, v_proj are packed with other weights in Phi3ForCausalLM "
+                                          "checkpoints.*choose from o_proj, down_proj, lm_head"):
+        apply_peft(build_model(args, device="cpu", seed=0), cfg)
+    cfg = CollieConfig.from_dict(BASE_CONFIG, ["peft.method=lora", "peft.target_modules=[o_proj, down_proj]"]).peft
+    model = apply_peft(build_model(args, device="cpu", seed=0), cfg, seed=1)
+    with torch.no_grad():
+        for name, p in lora_parameters(model).items():
+            if name.endswith("lora_B.weight"):
+                p.normal_(0.0, 0.05)
+    build_model(args, device="cpu", seed=0).save_pretrained(tmp_path / "base")
+    save_adapter(model, tmp_path / "adapter", tmp_path / "base")
+    hf = peft.PeftModel.from_pretrained(transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "base"),
+                                        tmp_path / "adapter")
+    assert_logits_close(hf(input_ids=IDS).logits, model(IDS), ARGS)
+
+
 def test_load_adapter_reads_an_adapter_written_by_peft(tmp_path, base_dir):
     hf = transformers.AutoModelForCausalLM.from_pretrained(base_dir)
     hf = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=16, target_modules=["k_proj", "gate_proj"]))

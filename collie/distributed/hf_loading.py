@@ -3,7 +3,7 @@
 Every rank reads only the tensors of the pipeline stage(s) it holds, and of those only the rows/columns of its
 own tensor-parallel / ZeRO shard (safetensors slices), so no rank materialises the full model. A tensor whose
 collie layout differs from the checkpoint's (InternLM2's packed ``wqkv``) or that comes from a ``.bin`` file is
-read whole, one at a time, and then cut.
+read whole, one at a time, and then cut; one stacked with others along its rows (Phi-3's ``qkv_proj``) is sliced.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from collie.errors import CheckpointError
-from collie.models.hf_io import _check_keys, _copy_into, checkpoint_index, hf_sources, iter_hf_tensors
+from collie.models.hf_io import StackedRows, _check_keys, _copy_into, checkpoint_index, hf_sources, iter_hf_tensors
 
 
 @torch.no_grad()
@@ -36,8 +36,13 @@ def load_hf_checkpoint(parallel_model, path) -> int:
 def _load_one(param: torch.Tensor, key: str, transform, fqn: str, file: Path) -> int:
     local = param.to_local() if isinstance(param, DTensor) else param
     window = _window(param)
-    if window is not None and transform is None and file.suffix == ".safetensors":
-        tensor = _read_slice(file, key, window, param.shape, fqn)
+    sliceable = transform is None or isinstance(transform, StackedRows)
+    if window is not None and sliceable and file.suffix == ".safetensors":
+        shape = param.shape
+        if transform is not None:  # the same window, moved down to the parameter's rows of the stacked tensor
+            shape = (transform.total, *param.shape[1:])
+            window = (slice(window[0].start + transform.start, window[0].stop + transform.start), *window[1:])
+        tensor = _read_slice(file, key, window, shape, fqn)
         _copy_into(local, tensor, None, fqn, key, file)
         return tensor.numel() * tensor.element_size()
     (_, tensor), = iter_hf_tensors(file.parent, [key], {key: file})

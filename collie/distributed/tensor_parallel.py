@@ -13,6 +13,7 @@ from functools import partial
 
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 from torch.distributed.tensor.parallel import (ColwiseParallel, ParallelStyle, PrepareModuleInput,
@@ -28,9 +29,8 @@ def apply_tensor_parallel(model, tp_mesh, sequence_parallel: bool = False, adapt
     its factors follow the base weights: ``collie.peft.lora_tensor_parallel_plan``)."""
     adapt_plan = adapt_plan or (lambda plan: plan)
     frozen = {name for name, param in model.named_parameters() if not param.requires_grad}
-    layer_plan = adapt_plan(_decoder_layer_plan(sequence_parallel))
     for layer in model.model.layers.values():
-        parallelize_module(layer, tp_mesh, layer_plan)
+        parallelize_module(layer, tp_mesh, adapt_plan(_decoder_layer_plan(sequence_parallel, _head_norms(layer))))
     parallelize_module(model, tp_mesh, adapt_plan(_outer_plan(model, sequence_parallel)))
     for name, param in model.named_parameters():
         if name in frozen:  # SequenceParallel re-creates parameters trainable (torch 2.13): keep them frozen
@@ -44,7 +44,8 @@ def apply_tensor_parallel(model, tp_mesh, sequence_parallel: bool = False, adapt
         model.register_forward_pre_hook(_fill_position_ids, with_kwargs=True)
 
 
-def _decoder_layer_plan(sequence_parallel: bool) -> dict:
+def _decoder_layer_plan(sequence_parallel: bool, head_norms: tuple[str, ...] = ()) -> dict:
+    """``head_norms``: the attention's per-head norms (QK-norm), which see the rank's heads of q and k."""
     residual = Shard(1) if sequence_parallel else Replicate()
     plan = {
         "self_attn.q_proj": ColwiseParallel(),
@@ -70,7 +71,15 @@ def _decoder_layer_plan(sequence_parallel: bool) -> dict:
         plan.update({"input_layernorm": SequenceParallel(), "post_attention_layernorm": SequenceParallel()})
     else:
         plan.update({"input_layernorm": ReplicateParallel(), "post_attention_layernorm": ReplicateParallel()})
+    # (batch, seq, heads, head_dim) with this rank's heads: normalized over head_dim, no communication; the weight
+    # gradient is a Partial sum over the heads, all-reduced by _align_gradient_placements
+    plan.update({f"self_attn.{name}": ReplicateParallel(input_placement=Shard(2)) for name in head_norms})
     return plan
+
+
+def _head_norms(layer) -> tuple[str, ...]:
+    """Names of the per-head norms of a decoder layer's attention (``q_norm``/``k_norm`` with QK-norm)."""
+    return tuple(name for name in ("q_norm", "k_norm") if isinstance(getattr(layer.self_attn, name, None), nn.Module))
 
 
 def _outer_plan(model, sequence_parallel: bool) -> dict:
@@ -107,15 +116,19 @@ def _to_placements(placements, grad):
 
 class ReplicateParallel(ParallelStyle):
     """Parameters replicated as DTensors over tp, inputs and outputs plain tensors: every parameter is then a
-    DTensor on the tp mesh, which foreach optimizers and the gradient norm need (no Tensor/DTensor mixing)."""
+    DTensor on the tp mesh, which foreach optimizers and the gradient norm need (no Tensor/DTensor mixing).
+    ``input_placement`` says how the plain inputs are laid out over tp (``Shard(2)``: each rank has its heads)."""
+
+    def __init__(self, input_placement=Replicate()):
+        super().__init__()
+        self.input_placement = input_placement
 
     def _apply(self, module, device_mesh):
         return distribute_module(module, device_mesh, input_fn=self._inputs_to_dtensor,
                                  output_fn=self._output_to_local)
 
-    @staticmethod
-    def _inputs_to_dtensor(module, inputs, device_mesh):
-        return tuple(DTensor.from_local(x, device_mesh, (Replicate(),), run_check=False)
+    def _inputs_to_dtensor(self, module, inputs, device_mesh):
+        return tuple(DTensor.from_local(x, device_mesh, (self.input_placement,), run_check=False)
                      if torch.is_tensor(x) and not isinstance(x, DTensor) else x for x in inputs)
 
     @staticmethod

@@ -55,6 +55,8 @@ def layer_tensors(args: ModelArgs, lora_targets: tuple[str, ...] = (), lora_r: i
            Tensor("down_proj", (h, inner), 1, not frozen),
            Tensor("input_layernorm", (h,), None, not frozen), Tensor("post_attention_layernorm", (h,), None,
                                                                          not frozen)]
+    if args.qk_norm:  # over head_dim, replicated like the other norms
+        out += [Tensor("q_norm", (d,), None, not frozen), Tensor("k_norm", (d,), None, not frozen)]
     if args.qkv_bias:
         out += [Tensor("q_proj.bias", (q,), 0, not frozen), Tensor("k_proj.bias", (kv,), 0, not frozen),
                 Tensor("v_proj.bias", (kv,), 0, not frozen)]

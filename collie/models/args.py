@@ -27,7 +27,8 @@ def _f(default, help: str, **bounds):
 @dataclass
 class ModelArgs:
     """The shape of a decoder-only transformer with RMSNorm, rotary embeddings, GQA and SwiGLU."""
-    architecture: str = _f("llama", "registered architecture (llama, mistral, qwen2, internlm2 or a user's)")
+    architecture: str = _f("llama", "registered architecture (llama, mistral, qwen2, qwen3, internlm2, phi3 or a "
+                                    "user's)")
     vocab_size: int = _f(32000, "number of token embeddings", min=1)
     hidden_size: int = _f(4096, "width of the residual stream", min=1)
     intermediate_size: int = _f(11008, "width of the SwiGLU feed-forward layer", min=1)
@@ -45,6 +46,7 @@ class ModelArgs:
     qkv_bias: bool = _f(False, "bias in the query/key/value projections (Qwen2)")
     o_bias: bool = _f(False, "bias in the attention output projection")
     mlp_bias: bool = _f(False, "bias in the feed-forward projections")
+    qk_norm: bool = _f(False, "RMSNorm over head_dim on each query and key head before rotary (Qwen3)")
     tie_word_embeddings: bool = _f(False, "lm_head shares its weight with the token embeddings")
     sliding_window: Optional[int] = _f(None, "attend only to the last N tokens (Mistral); null = full causal",
                                        min=1)
@@ -80,7 +82,7 @@ class ModelArgs:
         hidden = self.hidden_size
         q_width, kv_width = self.num_attention_heads * self.head_dim_, self.n_kv_heads * self.head_dim_
         attention = hidden * (q_width + 2 * kv_width) + q_width * hidden
-        attention += (q_width + 2 * kv_width) * self.qkv_bias + hidden * self.o_bias
+        attention += (q_width + 2 * kv_width) * self.qkv_bias + hidden * self.o_bias + 2 * self.head_dim_ * self.qk_norm
         mlp = 3 * hidden * self.intermediate_size + (2 * self.intermediate_size + hidden) * self.mlp_bias
         layer = attention + mlp + 2 * hidden
         embeddings = self.vocab_size * hidden * (1 if self.tie_word_embeddings else 2)

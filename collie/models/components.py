@@ -172,11 +172,14 @@ class Attention(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         hidden, head_dim = args.hidden_size, args.head_dim_
-        self.head_dim = head_dim
+        self.head_dim, self.qk_norm = head_dim, args.qk_norm
         self.q_proj = nn.Linear(hidden, args.num_attention_heads * head_dim, bias=args.qkv_bias)
         self.k_proj = nn.Linear(hidden, args.n_kv_heads * head_dim, bias=args.qkv_bias)
         self.v_proj = nn.Linear(hidden, args.n_kv_heads * head_dim, bias=args.qkv_bias)
         self.o_proj = nn.Linear(args.num_attention_heads * head_dim, hidden, bias=args.o_bias)
+        if args.qk_norm:  # each head's queries and keys, over head_dim
+            self.q_norm = RMSNorm(head_dim, args.rms_norm_eps)
+            self.k_norm = RMSNorm(head_dim, args.rms_norm_eps)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | DocumentSegments | None = None, cache: LayerKV | None = None) -> torch.Tensor:
@@ -193,10 +196,13 @@ class Attention(nn.Module):
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Queries, keys and values as (batch, seq, heads, head_dim), before rotary positions: the hook for
-        attention variants (e.g. QK-norm in examples/custom_model.py)."""
+        """Queries, keys and values as (batch, seq, heads, head_dim), before rotary positions (RMS-normalized
+        per head with ``qk_norm``): the hook for attention variants (see examples/custom_model.py)."""
         batch, seq, _ = x.shape
-        return tuple(proj(x).view(batch, seq, -1, self.head_dim) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (proj(x).view(batch, seq, -1, self.head_dim) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        if self.qk_norm:
+            q, k = self.q_norm(q), self.k_norm(k)
+        return q, k, v
 
 
 class MLP(nn.Module):

@@ -139,6 +139,20 @@ def load_hf_weights(model, path, strict: bool = True) -> None:
                 _copy_into(targets[fqn], tensor, transform, fqn, key, index[key])
 
 
+@dataclasses.dataclass(frozen=True)
+class StackedRows:
+    """A ``hf_source`` transform: rows [start, stop) of a checkpoint tensor of ``total`` rows that stacks several
+    parameters (Phi-3's ``qkv_proj``), so that a loader reading slices can read just the rows it needs."""
+    start: int
+    stop: int
+    total: int
+
+    def __call__(self, stacked: torch.Tensor) -> torch.Tensor:
+        if stacked.shape[0] != self.total:
+            raise RuntimeError(f"the stacked parts have {self.total} rows")
+        return stacked[self.start:self.stop]
+
+
 def hf_sources(model) -> tuple[dict, dict]:
     """The model's tensors (tied ones once) and checkpoint key → [(collie name, transform or None)]."""
     cls, args = type(model), model.args

@@ -1,7 +1,8 @@
-"""One config-driven decoder for Llama, Mistral, Qwen2 and InternLM2.
+"""One config-driven decoder for Llama, Mistral, Qwen2, Qwen3, InternLM2 and Phi-3.
 
-The architectures differ only in ``ModelArgs`` (biases, sliding window, rope) and in how their Hugging Face
-``config.json`` and weight names map to collie's; the module code is shared. The model knows nothing of
+The architectures differ only in ``ModelArgs`` (biases, QK-norm, sliding window, rope) and in how their Hugging
+Face ``config.json`` and weight names map to collie's (fused projections are split on load and fused on save);
+the module code is shared. The model knows nothing of
 parallelism: ``layers`` is a ModuleDict keyed "0".."n-1" so that a pipeline stage can delete layers and keep
 parameter names, and with ``embed_tokens`` / ``norm`` / ``lm_head`` set to None a stage takes or returns
 hidden states. The loss is computed outside the model.
@@ -20,6 +21,7 @@ from collie.models.args import ModelArgs
 from collie.models.attention_kernels import DocumentSegments
 from collie.models.components import (DecoderLayer, KVCache, RMSNorm, RotaryEmbedding, build_attention_mask,
                                       is_right_padded)
+from collie.models.hf_io import StackedRows
 from collie.models.registry import register_model
 from collie.schema import from_dict
 
@@ -64,6 +66,7 @@ class LlamaForCausalLM(nn.Module):
     """Decoder-only language model: ``forward(input_ids) -> logits`` of shape (batch, seq, vocab)."""
     hf_architecture = "LlamaForCausalLM"
     hf_model_type = "llama"
+    hf_qk_norm = False  # whether the checkpoint format has q_norm/k_norm weights
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -148,6 +151,10 @@ class LlamaForCausalLM(nn.Module):
     @classmethod
     def hf_config(cls, args: ModelArgs) -> dict:
         """The Hugging Face config.json content (without dtype) for ``args``."""
+        if args.qk_norm != cls.hf_qk_norm:
+            raise ConfigError(f"{cls.hf_architecture} checkpoints {'need' if cls.hf_qk_norm else 'have no'} "
+                              f"q_norm/k_norm weights, so qk_norm={args.qk_norm} cannot be saved as "
+                              f"{cls.hf_model_type}; use architecture qwen3 for QK-norm")
         config = {"architectures": [cls.hf_architecture], "model_type": cls.hf_model_type}
         config.update({key: getattr(args, key) for key in _HF_SHARED_KEYS})
         config.update(num_key_value_heads=args.n_kv_heads, head_dim=args.head_dim_, hidden_act="silu",
@@ -227,11 +234,43 @@ class Qwen2ForCausalLM(LlamaForCausalLM):
     def hf_specific_config(cls, args: ModelArgs) -> dict:
         if (args.qkv_bias, args.o_bias, args.mlp_bias) != (True, False, False):
             raise _bias_error(cls, args, "q/k/v biases and no others")
-        window = args.sliding_window
-        layer_type = "full_attention" if window is None else "sliding_attention"
-        return {"use_sliding_window": window is not None, "sliding_window": window,
-                "max_window_layers": 0 if window else args.num_hidden_layers,
-                "layer_types": [layer_type] * args.num_hidden_layers}
+        return _qwen_window_config(args)
+
+
+@register_model("qwen3")
+class Qwen3ForCausalLM(LlamaForCausalLM):
+    """Llama with QK-norm (RMSNorm over head_dim on each query and key head, before rotary) and no biases by
+    default; head_dim is independent of hidden_size / num_attention_heads."""
+    hf_architecture = "Qwen3ForCausalLM"
+    hf_model_type = "qwen3"
+    hf_qk_norm = True
+
+    def __init__(self, args: ModelArgs):
+        if not args.qk_norm:
+            raise ConfigError("architecture qwen3 normalizes queries and keys: set qk_norm: true (the qwen3 cards "
+                              "do)")
+        super().__init__(args)
+
+    @classmethod
+    def hf_specific_args(cls, config: dict) -> dict:
+        bias = config.get("attention_bias", False)
+        return {"qk_norm": True, "qkv_bias": bias, "o_bias": bias,
+                "sliding_window": _qwen2_sliding_window(config)}
+
+    @classmethod
+    def hf_specific_config(cls, args: ModelArgs) -> dict:
+        if args.qkv_bias != args.o_bias or args.mlp_bias:
+            raise _bias_error(cls, args, "one attention_bias flag for the q/k/v/o projections and no MLP biases")
+        return {"attention_bias": args.qkv_bias, **_qwen_window_config(args)}
+
+
+def _qwen_window_config(args: ModelArgs) -> dict:
+    """Qwen2/Qwen3 config.json keys of the sliding window: all layers slide, or none does."""
+    window = args.sliding_window
+    layer_type = "full_attention" if window is None else "sliding_attention"
+    return {"use_sliding_window": window is not None, "sliding_window": window,
+            "max_window_layers": 0 if window else args.num_hidden_layers,
+            "layer_types": [layer_type] * args.num_hidden_layers}
 
 
 def _qwen2_sliding_window(config: dict) -> int | None:
@@ -323,3 +362,65 @@ def _pack_wqkv(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, args: ModelArg
     parts = [q.reshape(kv_heads, -1, args.head_dim_, *rest), k.reshape(kv_heads, 1, args.head_dim_, *rest),
              v.reshape(kv_heads, 1, args.head_dim_, *rest)]
     return torch.cat(parts, dim=1).reshape(-1, *rest)
+
+
+# Phi-3 fuses projections that collie keeps apart: fused name → its parts, stacked along the output rows.
+_PHI3_PART = re.compile(r"(model\.layers\.\d+)\.(self_attn\.[qkv]_proj|mlp\.gate_proj|mlp\.up_proj)\.weight")
+
+
+@register_model("phi3")
+class Phi3ForCausalLM(LlamaForCausalLM):
+    """Llama with a sliding window whose checkpoints fuse q/k/v into ``qkv_proj`` and gate/up into
+    ``gate_up_proj``: split on load, fused again on save (collie's modules stay separate, so tensor parallel
+    shards each part on its own)."""
+    hf_architecture = "Phi3ForCausalLM"
+    hf_model_type = "phi3"
+
+    @classmethod
+    def hf_specific_args(cls, config: dict) -> dict:
+        rope = config.get("rope_parameters") or config.get("rope_scaling") or {}
+        factor = rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
+        if factor != 1.0:
+            raise ConfigError(f"partial_rotary_factor={factor}; collie rotates whole heads (1.0)")
+        return {"sliding_window": config.get("sliding_window")}
+
+    @classmethod
+    def hf_specific_config(cls, args: ModelArgs) -> dict:
+        if args.qkv_bias or args.o_bias or args.mlp_bias:
+            raise _bias_error(cls, args, "no biases")
+        return {"sliding_window": args.sliding_window,
+                "original_max_position_embeddings": args.max_position_embeddings}
+
+    @classmethod
+    def hf_source(cls, fqn: str, args: ModelArgs):
+        match = _PHI3_PART.fullmatch(fqn)
+        if match is None:
+            return fqn, None
+        prefix, part = match.groups()
+        fused, parts = _phi3_fused(args)[part]
+        names, rows = [name for name, _ in parts], [rows for _, rows in parts]
+        start = sum(rows[:names.index(part)])
+        return f"{prefix}.{fused}.weight", StackedRows(start, start + rows[names.index(part)], sum(rows))
+
+    @classmethod
+    def hf_state_dict(cls, state: dict, args: ModelArgs) -> dict:
+        out, fused_of = {}, _phi3_fused(args)
+        for fqn, tensor in state.items():
+            match = _PHI3_PART.fullmatch(fqn)
+            if match is None:
+                out[fqn] = tensor
+                continue
+            prefix, part = match.groups()
+            fused, parts = fused_of[part]
+            if part == parts[0][0]:
+                out[f"{prefix}.{fused}.weight"] = torch.cat([state[f"{prefix}.{name}.weight"] for name, _ in parts])
+        return out
+
+
+def _phi3_fused(args: ModelArgs) -> dict:
+    """collie module → (Phi-3 fused module, its parts as (module, rows) in stored order)."""
+    q, kv, inner = args.num_attention_heads * args.head_dim_, args.n_kv_heads * args.head_dim_, args.intermediate_size
+    qkv = ("self_attn.qkv_proj", (("self_attn.q_proj", q), ("self_attn.k_proj", kv), ("self_attn.v_proj", kv)))
+    gate_up = ("mlp.gate_up_proj", (("mlp.gate_proj", inner), ("mlp.up_proj", inner)))
+    return {name: fused for fused in (qkv, gate_up) for name, _ in fused[1]}
+

@@ -19,6 +19,7 @@ def apply_peft(model, peft_cfg, seed: int = 0, world_size: int = 1):
     apply it before ``collie.distributed.parallelize``."""
     method = peft_cfg.method
     if method == "lora":
+        _check_lora_exportable(model, peft_cfg.target_modules)
         apply_lora(model, peft_cfg.r, peft_cfg.alpha, peft_cfg.dropout, peft_cfg.target_modules, seed)
     elif method in HF_PEFT_METHODS:
         if world_size > 1:
@@ -84,6 +85,21 @@ def _check_target_modules(targets: list[str]) -> None:
         if name not in LLAMA_LINEARS:
             raise ConfigError(f"peft.target_modules[{i}]={name!r} is not a linear of a Llama-family model"
                               f"{suggest(name, LLAMA_LINEARS)}; choose from {', '.join(LLAMA_LINEARS)}")
+
+
+def _check_lora_exportable(model, targets: list[str]) -> None:
+    """The run's adapter is saved for peft, which names each target by its checkpoint tensor: refuse before
+    training a target that the architecture's checkpoints pack with other weights (InternLM2's wqkv, Phi-3's
+    qkv_proj and gate_up_proj) rather than fail at the final save."""
+    def packed(name: str) -> bool:
+        module = "self_attn" if name in ("q_proj", "k_proj", "v_proj", "o_proj") else "mlp"
+        fqn = f"model.layers.0.{module}.{name}.weight"
+        return name != "lm_head" and type(model).hf_source(fqn, model.args)[1] is not None
+    refused = [name for name in targets if packed(name)]
+    if refused:
+        raise ConfigError(f"peft.target_modules: {', '.join(refused)} are packed with other weights in "
+                          f"{type(model).hf_architecture} checkpoints, so a LoRA adapter on them cannot be saved "
+                          f"for peft; choose from {', '.join(n for n in LLAMA_LINEARS if not packed(n))}")
 
 
 def _one_process(method: str) -> str:

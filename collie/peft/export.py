@@ -3,7 +3,7 @@
 A saved adapter is a directory that ``peft.PeftModel.from_pretrained(transformers_model, directory)`` loads:
 ``adapter_config.json`` (peft's ``LoraConfig``) and ``adapter_model.safetensors`` with peft's key names
 (``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``). Module names are mapped to the
-architecture's Hugging Face names with the model class's ``hf_source`` (identity for Llama, Mistral, Qwen2).
+architecture's Hugging Face names with the model class's ``hf_source`` (identity for Llama, Mistral, Qwen2, Qwen3).
 """
 from __future__ import annotations
 
