@@ -48,6 +48,11 @@ FEATURES = {
     "adalomo": ["optim.name=adalomo", "optim.lr=1e-2"],
     # packed conversations, each attending only to itself (per-document attention, no dense mask)
     "packed": ["optim.name=adamw", "optim.args={eps: 1e-5}", "data.pack=true", "data.document_masking=true"],
+    # other families: QK-norm with head_dim != hidden / heads; Phi-3's fused checkpoint layout and sliding window
+    "qwen3": ["optim.name=adamw", "optim.args={eps: 1e-5}", "model.arch.architecture=qwen3", "model.arch.qk_norm=true",
+              "model.arch.head_dim=24"],
+    "phi3": ["optim.name=adamw", "optim.args={eps: 1e-5}", "model.arch.architecture=phi3",
+             "model.arch.sliding_window=16"],
 }
 # name -> (ranks, data-parallel degree, layout overrides)
 LAYOUTS = {
@@ -76,6 +81,7 @@ MATRIX = [(name, "adamw") for name in LAYOUTS] + [
     ("tp2_sp", "lora"), ("pp2_1f1b", "lora"), ("dp2_zero3", "lora"),
     ("dp2_zero2", "adalomo"), ("dp2_zero3", "adalomo"), ("tp2_sp", "adalomo"),
     ("tp2_sp", "packed"), ("pp2_1f1b", "packed"), ("dp2_zero3", "packed"),
+    ("tp2_sp", "qwen3"), ("pp2_1f1b", "qwen3"), ("tp2_sp", "phi3"),
 ]
 # (saved in, resumed in): the mid-run checkpoint of the first continues in the second
 RESUMES = [("dp2_pp2_zero2", "tp2_sp"), ("tp2_sp", "single")]
