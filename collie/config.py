@@ -49,6 +49,9 @@ class ModelConfig:
 class ParallelConfig:
     """How the job is spread over processes: data × tensor × pipeline parallel, and ZeRO."""
     dp: int = _f(-1, "data-parallel degree; -1 = world size / (tp·pp)", min=-1)
+    dp_replicate: int = _f(1, "HSDP: split the dp ranks into this many replicas of dp/dp_replicate ranks each; "
+                              "ZeRO-2/3 shard within a replica (e.g. a node) and gradients are all-reduced across "
+                              "replicas; 1 = shard over all of dp", min=1)
     tp: int = _f(1, "tensor-parallel degree", min=1)
     pp: int = _f(1, "pipeline-parallel degree (number of stages)", min=1)
     zero_stage: int = _f(0, "ZeRO stage over the data-parallel group: 0 replicate, 1 shard optimizer state, "

@@ -118,6 +118,30 @@ def check_cpu_offload(cpu_offload: bool, zero_stage: int, engine: str = "native"
                           f"parallel.dp > 1 (this layout has parallel.dp=1 of world size {world_size})")
 
 
+def check_dp_replicate(dp_replicate: int, dp: int, zero_stage: int, engine: str = "native") -> None:
+    """HSDP: ``dp`` data-parallel ranks as ``dp_replicate`` replicas × ``dp / dp_replicate`` shards. Parameters,
+    gradients and optimizer state are sharded within a replica (ZeRO-2/3 over the shard group) and gradients
+    all-reduced across replicas. ``dp=-1``: the division is checked at launch, once dp is known."""
+    if dp_replicate == 1:
+        return
+    what = f"parallel.dp_replicate={dp_replicate}"
+    if engine != "native":
+        raise ConfigError(f"{what} (HSDP) needs parallel.engine=native: DeepSpeed's ZeRO shards over every "
+                          f"data-parallel rank; set parallel.dp_replicate=1 or parallel.engine=native")
+    if zero_stage < 2:
+        raise ConfigError(f"{what} shards within replicas (HSDP) and needs parallel.zero_stage 2 or 3 (got "
+                          f"{zero_stage}): stage 0 already replicates everything over parallel.dp and stage 1 "
+                          f"shards optimizer state over all of it; set parallel.dp_replicate=1 or zero_stage 2/3")
+    if dp < 1:
+        return
+    choices = [d for d in range(1, dp) if dp % d == 0]
+    choose = ", ".join(map(str, choices[:-1])) + " or " + str(choices[-1]) if len(choices) > 1 else "1"
+    if dp % dp_replicate or dp_replicate >= dp:
+        why = "does not divide" if dp % dp_replicate else "leaves one rank per shard group of"
+        raise ConfigError(f"{what} {why} parallel.dp={dp}: the data-parallel ranks are dp_replicate replicas × "
+                          f"dp/dp_replicate shards, at least 2; choose parallel.dp_replicate {choose}")
+
+
 # --- optimizers and engines --------------------------------------------------------------------------------
 
 def check_fused_optimizer(name: str, pp: int, zero_stage: int, engine: str) -> None:
@@ -160,6 +184,7 @@ def check_deepspeed(engine: str, tp: int, pp: int, optimizer: str, clip_grad_val
 # --- entry points ------------------------------------------------------------------------------------------
 
 def check_layout(*, dp: int = -1, tp: int = 1, pp: int = 1, zero_stage: int = 0, engine: str = "native",
+                 dp_replicate: int = 1,
                  optimizer: str = "adamw", fused: bool = False, micro_batch_size: int = 1,
                  eval_batch_size: int | None = None, pp_microbatches: int | None = None,
                  pp_schedule: str = "1f1b", pp_boundaries=None, seq_len: int = 2048, sequence_parallel: bool = False,
@@ -169,6 +194,7 @@ def check_layout(*, dp: int = -1, tp: int = 1, pp: int = 1, zero_stage: int = 0,
     (the rules that need it run then); ``fused``: the optimizer updates inside backward; ``eval_batch_size``:
     None when nothing is evaluated."""
     check_degrees(dp)
+    check_dp_replicate(dp_replicate, dp, zero_stage, engine)
     check_pp_boundaries(pp, pp_boundaries)
     if pp > 1:
         n = pipeline_microbatches(pp, pp_microbatches)
@@ -189,7 +215,8 @@ def check_config(cfg) -> None:
     """``check_layout`` over a ``CollieConfig`` (at load)."""
     from collie.optim import is_fused_optimizer, list_optimizers
     p, name = cfg.parallel, cfg.optim.name
-    check_layout(dp=p.dp, tp=p.tp, pp=p.pp, zero_stage=p.zero_stage, engine=p.engine, optimizer=name,
+    check_layout(dp=p.dp, tp=p.tp, pp=p.pp, zero_stage=p.zero_stage, engine=p.engine, dp_replicate=p.dp_replicate,
+                 optimizer=name,
                  fused=name in list_optimizers() and is_fused_optimizer(name),  # unknown names: _check_optim
                  micro_batch_size=cfg.train.micro_batch_size,
                  eval_batch_size=cfg.eval.batch_size if cfg.data.eval_files else None,

@@ -7,6 +7,10 @@
 | 2 | ``fully_shard(reshard_after_forward=False)`` | 1/dp of params, grads, optimizer state (full params from forward until backward) |
 | 3 | ``fully_shard(reshard_after_forward=True)`` | 1/dp of everything; params gathered per layer in forward and again in backward |
 
+HSDP (``parallel.dp_replicate`` > 1, ZeRO-2/3): ``dp_mesh`` is the 2-D (dp_replicate, dp_shard) mesh; a rank keeps
+1/dp_shard of the parameters, gradients and optimizer state, all-gathers and reduce-scatters within its shard group
+and all-reduces its gradient shard with the same shard of the other replicas.
+
 Every stage SUMS gradients over dp (divide factor 1, sum-only collectives), so dividing each rank's summed token
 loss by the step's global token count reproduces the one-process gradient exactly. Each decoder layer is its
 own communication group, then the root (embedding, norm, head). All of it composes with DTensor tensor
@@ -28,6 +32,7 @@ from collie.layout_rules import check_cpu_offload
 def apply_data_parallel(model, dp_mesh, zero_stage: int, cpu_offload: bool = False,
                         compute_dtype: torch.dtype | None = None) -> None:
     """Wrap ``model`` (a whole model or a pipeline stage, possibly TP-sharded, possibly on meta) for ZeRO.
+    ``dp_mesh``: 1-D over every data-parallel rank, or 2-D (replicate, shard) for HSDP at stages 2 and 3.
     ``compute_dtype`` (ZeRO-2/3 over fp32 master weights): parameters are gathered in it, gradients reduced
     in fp32."""
     check_cpu_offload(cpu_offload, zero_stage)

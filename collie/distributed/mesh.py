@@ -1,11 +1,16 @@
-"""The process layout of a job: torchrun environment → process group → a ("pp", "dp", "tp") DeviceMesh.
+"""The process layout of a job: torchrun environment → process group → a (pp, dp_replicate, dp_shard, tp)
+DeviceMesh, with (dp_replicate, dp_shard) flattened into "dp": the whole data-parallel group.
 
     ctx = init_parallel(cfg.parallel, "cuda")   # or "cpu" (gloo)
     ctx.validate_model(model_args)              # ConfigError before anything is built
     ...
     ctx.destroy()
 
-``tp`` is the innermost mesh dimension (neighbouring ranks, the fastest links), ``pp`` the outermost. A single
+``tp`` is the innermost mesh dimension (neighbouring ranks, the fastest links), ``pp`` the outermost. Data
+parallelism is ``dp = dp_replicate × dp_shard`` (``parallel.dp_replicate``, default 1): everything that needs the
+whole data-parallel group (data sharding, loss and token sums, ZeRO-0/1) uses "dp"; ZeRO-2/3 shard over
+"dp_shard" and, with ``dp_replicate > 1`` (HSDP), all-reduce across "dp_replicate" (``fsdp_mesh``). Ranks of a
+shard group are neighbours (after tp), so a shard group of at most a node's GPUs stays inside the node. A single
 process started without torchrun gets a world of one: no process group, no mesh, every degree 1.
 """
 from __future__ import annotations
@@ -21,7 +26,8 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from collie import layout_rules
 from collie.errors import ConfigError
 
-MESH_DIMS = ("pp", "dp", "tp")
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
+FLAT_DP = ("dp_replicate", "dp_shard")  # flattened into "dp"
 
 
 @dataclass
@@ -37,6 +43,7 @@ class ParallelContext:
     device: torch.device
     mesh: DeviceMesh | None  # None in a one-process run
     owns_process_group: bool = False
+    dp_replicate: int = 1  # HSDP replicas; dp_shard = dp / dp_replicate ranks shard the state within each
 
     # --- coordinates ---------------------------------------------------------------------------------------
     def _local_rank(self, dim: str) -> int:
@@ -59,6 +66,10 @@ class ParallelContext:
         return self.dp
 
     @property
+    def dp_shard(self) -> int:
+        return self.dp // self.dp_replicate
+
+    @property
     def is_first_stage(self) -> bool:
         return self.pp_rank == 0
 
@@ -74,6 +85,14 @@ class ParallelContext:
     @property
     def dp_mesh(self) -> DeviceMesh | None:
         return None if self.mesh is None else self.mesh["dp"]
+
+    @property
+    def fsdp_mesh(self) -> DeviceMesh | None:
+        """The mesh ZeRO-2/3 shard over: "dp" (1-D, FSDP), or (dp_replicate, dp_shard) with dp_replicate > 1
+        (2-D: FSDP2's HSDP, sharded within a replica and all-reduced across replicas)."""
+        if self.mesh is None:
+            return None
+        return self.mesh[FLAT_DP] if self.dp_replicate > 1 else self.mesh["dp"]
 
     @property
     def tp_mesh(self) -> DeviceMesh | None:
@@ -131,6 +150,8 @@ def init_parallel(parallel_cfg, device_type: str = "cpu") -> ParallelContext:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dp, tp, pp = resolve_degrees(parallel_cfg, world)
+    replicas = parallel_cfg.dp_replicate
+    layout_rules.check_dp_replicate(replicas, dp, parallel_cfg.zero_stage, parallel_cfg.engine)
     if device_type == "cuda":
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
@@ -144,16 +165,17 @@ def init_parallel(parallel_cfg, device_type: str = "cpu") -> ParallelContext:
         timeout = datetime.timedelta(seconds=parallel_cfg.timeout_s)
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout,
                                 store=_restart_store(world, timeout))
-    mesh = init_device_mesh(device.type, (pp, dp, tp), mesh_dim_names=MESH_DIMS)
+    mesh = init_device_mesh(device.type, (pp, replicas, dp // replicas, tp), mesh_dim_names=MESH_DIMS)
+    mesh[FLAT_DP]._flatten("dp")  # now mesh["dp"]: the whole data-parallel group
     _bound_mesh_groups(mesh, datetime.timedelta(seconds=parallel_cfg.timeout_s))
-    return ParallelContext(parallel_cfg, rank, world, local_rank, dp, tp, pp, device, mesh, owns)
+    return ParallelContext(parallel_cfg, rank, world, local_rank, dp, tp, pp, device, mesh, owns, replicas)
 
 
 def _bound_mesh_groups(mesh: DeviceMesh, timeout: datetime.timedelta) -> None:
     """Give the mesh's sub-groups the job's timeout: they are created with the backend's default (30 minutes
     on gloo), not the one given to ``init_process_group``."""
     from torch.distributed.distributed_c10d import _set_pg_timeout  # the public API sets only the default group
-    for dim in MESH_DIMS:
+    for dim in (*MESH_DIMS, "dp"):
         _set_pg_timeout(timeout, mesh[dim].get_group())
 
 

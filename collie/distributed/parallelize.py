@@ -92,7 +92,8 @@ def parallelize(model, args, parallel_cfg, ctx, device, init_fn: Callable[[], di
             apply_tensor_parallel(part, ctx.tp_mesh, parallel_cfg.sequence_parallel, _plan_adapter(part))
         apply_activation_checkpointing(part, activation_checkpointing, checkpoint_every)
         if ctx.dp > 1:
-            apply_data_parallel(part, ctx.dp_mesh, parallel_cfg.zero_stage, parallel_cfg.cpu_offload, compute_dtype)
+            mesh = ctx.fsdp_mesh if parallel_cfg.zero_stage >= 2 else ctx.dp_mesh
+            apply_data_parallel(part, mesh, parallel_cfg.zero_stage, parallel_cfg.cpu_offload, compute_dtype)
     for part in parts:
         part.to_empty(device=device)
     parallel_model = ParallelModel(parts, stage_ids, ctx)

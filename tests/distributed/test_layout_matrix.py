@@ -11,7 +11,8 @@ rounding of near-zero gradients turns into lr-sized updates), by at most ~2e-6 i
 and ~7e-6 in a run resumed in a second layout (seen): 3e-5. The gradient norm is the most sensitive figure: Adam
 divides by sqrt(v), so weight differences of ~1e-6 move the norm of the next gradient by up to 6e-5 relative
 (seen at step 4 after a resume in another layout): 2e-4.
-The 8-rank dp2×tp2×pp2 layout is opt-in: COLLIE_TEST_8RANK=1.
+HSDP layouts ("dp2x2_*": 2 replicas × 2 shards) shard within a replica and all-reduce across replicas.
+The 8-rank layouts (dp2×tp2×pp2, HSDP with tp or with pp) are opt-in: COLLIE_TEST_8RANK=1.
 """
 from __future__ import annotations
 
@@ -71,20 +72,27 @@ LAYOUTS = {
                              "parallel.pp_microbatches=2"]),
     "dp2_pp2_zero3": (4, 2, ["parallel.dp=2", "parallel.pp=2", "parallel.zero_stage=3",
                              "parallel.pp_microbatches=2"]),
+    # HSDP: 2 replicas × 2 shards (ZeRO within a replica, gradients all-reduced across replicas)
+    "dp2x2_zero2": (4, 4, ["parallel.dp=4", "parallel.dp_replicate=2", "parallel.zero_stage=2"]),
+    "dp2x2_zero3": (4, 4, ["parallel.dp=4", "parallel.dp_replicate=2", "parallel.zero_stage=3"]),
     "deepspeed_zero1": (2, 2, ["parallel.engine=deepspeed", "parallel.zero_stage=1"]),
     "deepspeed_zero2": (2, 2, ["parallel.engine=deepspeed", "parallel.zero_stage=2"]),
     "deepspeed_zero3": (2, 2, ["parallel.engine=deepspeed", "parallel.zero_stage=3"]),
     "dp2_tp2_pp2": (8, 2, ["parallel.dp=2", "parallel.tp=2", "parallel.pp=2", "parallel.zero_stage=3",
                            "parallel.pp_microbatches=2"]),
+    # HSDP composed with tp (2-D FSDP mesh + tp: 3-D parameters) and with pipeline stages
+    "dp2x2_tp2_zero3": (8, 4, ["parallel.dp=4", "parallel.dp_replicate=2", "parallel.tp=2", "parallel.zero_stage=3"]),
+    "dp2x2_pp2_zero2": (8, 4, ["parallel.dp=4", "parallel.dp_replicate=2", "parallel.pp=2", "parallel.zero_stage=2",
+                               "parallel.pp_microbatches=2"]),
 }
 MATRIX = [(name, "adamw") for name in LAYOUTS] + [
     ("tp2_sp", "lora"), ("pp2_1f1b", "lora"), ("dp2_zero3", "lora"),
     ("dp2_zero2", "adalomo"), ("dp2_zero3", "adalomo"), ("tp2_sp", "adalomo"),
-    ("tp2_sp", "packed"), ("pp2_1f1b", "packed"), ("dp2_zero3", "packed"),
+    ("tp2_sp", "packed"), ("pp2_1f1b", "packed"), ("dp2_zero3", "packed"), ("dp2x2_zero3", "adalomo"),
     ("tp2_sp", "qwen3"), ("pp2_1f1b", "qwen3"), ("tp2_sp", "phi3"),
 ]
 # (saved in, resumed in): the mid-run checkpoint of the first continues in the second
-RESUMES = [("dp2_pp2_zero2", "tp2_sp"), ("tp2_sp", "single")]
+RESUMES = [("dp2_pp2_zero2", "tp2_sp"), ("tp2_sp", "single"), ("dp2x2_zero3", "dp2_zero2")]
 
 
 # --- running ------------------------------------------------------------------------------------------------

@@ -44,6 +44,10 @@ VIOLATIONS = [
     (rules.check_fused_optimizer, ("adalomo", 1, 1, "native"), "parallel.zero_stage=1"),
     (rules.check_fused_optimizer, ("lomo", 1, 0, "deepspeed"), "parallel.engine=deepspeed"),
     (rules.check_sophia, ("sophia", 2), "parallel.pp=2"),
+    (rules.check_dp_replicate, (2, 4, 3, "deepspeed"), "parallel.engine=native"),
+    (rules.check_dp_replicate, (2, 4, 1), "parallel.zero_stage 2 or 3"),
+    (rules.check_dp_replicate, (3, 4, 3), "parallel.dp_replicate=3 does not divide parallel.dp=4"),
+    (rules.check_dp_replicate, (4, 4, 2), "choose parallel.dp_replicate 1 or 2"),
     (rules.check_deepspeed, ("deepspeed", 2, 1, "adamw", 0.0, "none"), "parallel.tp=2"),
     (rules.check_deepspeed, ("deepspeed", 1, 1, "sophia", 0.0, "none"), "optim.name=sophia"),
     (rules.check_deepspeed, ("deepspeed", 1, 1, "adamw", 1.0, "none"), "optim.clip_grad_value"),
@@ -65,6 +69,8 @@ def test_valid_layouts_pass():
         rules.check_layout(dp=2, zero_stage=zero, optimizer="lomo", fused=True)
     rules.check_layout(dp=2, zero_stage=1, cpu_offload=True, engine="deepspeed")  # DeepSpeed checks its own
     rules.check_cpu_offload(True, 3, "native", dp=1, world_size=1)  # one process ignores parallel settings
+    rules.check_layout(dp=8, dp_replicate=2, zero_stage=3, tp=2, pp=2, micro_batch_size=4)  # HSDP composes
+    rules.check_layout(dp=-1, dp_replicate=4, zero_stage=2)  # dp resolved at launch: divisibility checked then
     assert rules.pipeline_microbatches(1, 8) == 1 and rules.pipeline_microbatches(3, None) == 6
 
 
@@ -83,6 +89,22 @@ def test_cpu_offload_below_zero2_fails_at_load():
     with pytest.raises(ConfigError, match="parallel.dp > 1"):
         CollieConfig.load(QUICKSTART, ["parallel.cpu_offload=true", "parallel.zero_stage=3", "parallel.dp=1",
                                        "parallel.tp=2"])
+
+
+def test_hsdp_rules_fail_at_load_and_at_launch(monkeypatch):
+    """parallel.dp_replicate (HSDP) needs ZeRO-2/3, the native engine and a divisor of dp (at load when dp is
+    given, at launch when dp=-1 is resolved from the world size)."""
+    with pytest.raises(ConfigError, match=r"parallel.dp_replicate=2 .* needs parallel.zero_stage 2 or 3 \(got 0\)"):
+        CollieConfig.load(QUICKSTART, ["parallel.dp_replicate=2"])
+    with pytest.raises(ConfigError, match="parallel.dp_replicate=2 .HSDP. needs parallel.engine=native"):
+        CollieConfig.load(QUICKSTART, ["parallel.dp_replicate=2", "parallel.engine=deepspeed",
+                                       "parallel.zero_stage=3"])
+    with pytest.raises(ConfigError, match="parallel.dp_replicate=3 does not divide parallel.dp=4"):
+        CollieConfig.load(QUICKSTART, ["parallel.dp_replicate=3", "parallel.dp=4", "parallel.zero_stage=3"])
+    CollieConfig.load(QUICKSTART, ["parallel.dp_replicate=3", "parallel.zero_stage=3"])  # dp=-1: at launch
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    with pytest.raises(ConfigError, match="parallel.dp_replicate=3 does not divide parallel.dp=4"):
+        init_parallel(ParallelConfig(dp_replicate=3, zero_stage=3), "cpu")
 
 
 def test_deepspeed_without_torchrun_is_one_line(monkeypatch):
@@ -137,6 +159,13 @@ GRID = list(itertools.product(("adamw", "lomo", "adalomo", "sophia"), (0, 1, 2, 
 def test_config_load_and_estimator_agree(optimizer, zero, pp, engine, offload):
     values = dict(optimizer=optimizer, dp=2, pp=pp, zero_stage=zero, engine=engine, cpu_offload=offload)
     assert loads(**values) == estimates(**values)
+
+
+@pytest.mark.parametrize("zero, replicas, engine",
+                         list(itertools.product((0, 1, 2, 3), (2, 3, 4), ("native", "deepspeed"))))
+def test_config_load_and_estimator_agree_on_hsdp(zero, replicas, engine):
+    values = dict(optimizer="adamw", dp=4, dp_replicate=replicas, zero_stage=zero, engine=engine)
+    assert loads(**values) == estimates(**values) == (zero >= 2 and replicas == 2 and engine == "native")
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "lomo", "adalomo", "sophia"])
