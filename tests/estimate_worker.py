@@ -1,4 +1,4 @@
-"""One rank of the distributed estimate checks (tests/test_estimate.py launches two on gloo).
+"""One rank of the distributed estimate checks (tests/test_estimate.py launches two on gloo, and four for HSDP).
 
 Communication scenarios: build a tiny Llama in a layout, run one warm-up step (lazy initialisation, pipeline
 shape inference), then count the collectives of one training step with ``count_collective_bytes`` and report
@@ -39,6 +39,9 @@ COLLIE_LAYOUTS = {
     "collie_pp2_1f1b": {"pp": 2, "pp_microbatches": 2},
     "collie_pp2_gpipe": {"pp": 2, "pp_schedule": "gpipe", "pp_microbatches": 4},
     "collie_pp2_interleaved": {"pp": 2, "pp_schedule": "interleaved_1f1b", "pp_microbatches": 4},
+    # 4 ranks: HSDP, 2 replicas × 2 shards
+    "collie_hsdp_zero2": {"dp": 4, "dp_replicate": 2, "zero_stage": 2},
+    "collie_hsdp_zero3": {"dp": 4, "dp_replicate": 2, "zero_stage": 3},
 }
 HARNESS_KEYS = ("precision", "grad_accum")
 
@@ -160,8 +163,12 @@ def engine_step(engine, ctx, ids, labels, accum: int = 1) -> None:
 def collie_layout(layout: dict) -> dict:
     ctx, engine = collie_engine(layout, ARGS, BATCH, SEQ)
     ids, labels = batch(ctx.dp_rank)
-    groups = {"dp": ctx.dp_group, "tp": ctx.tp_mesh.get_group(), "pp": ctx.pp_group}
-    groups = {name: groups[name] for name in ("dp", "tp", "pp") if getattr(ctx, name) > 1}
+    # "dp": the group ZeRO shards over (under HSDP one replica's ranks), "dp_replicate": across replicas
+    shard_group = ctx.mesh["dp_shard"].get_group() if ctx.dp_replicate > 1 else ctx.dp_group
+    groups = {"dp": shard_group, "dp_replicate": ctx.mesh["dp_replicate"].get_group(),
+              "tp": ctx.tp_mesh.get_group(), "pp": ctx.pp_group}
+    sizes = {"dp": ctx.dp_shard, "dp_replicate": ctx.dp_replicate, "tp": ctx.tp, "pp": ctx.pp}
+    groups = {name: group for name, group in groups.items() if sizes[name] > 1}
     result = counted(lambda: engine_step(engine, ctx, ids, labels, layout.get("grad_accum", 1)), groups)
     result["pp_rank"] = ctx.pp_rank
     return result
@@ -172,7 +179,8 @@ MEMORY_LAYOUTS = {"memory_dp2": {"dp": 2}, "memory_zero2": {"dp": 2, "zero_stage
                   "memory_zero3": {"dp": 2, "zero_stage": 3}, "memory_tp2": {"tp": 2},
                   "memory_tp2_sp": {"tp": 2, "sequence_parallel": True},
                   "memory_pp2_1f1b": {"pp": 2, "pp_microbatches": 2},
-                  "memory_pp2_gpipe": {"pp": 2, "pp_schedule": "gpipe", "pp_microbatches": 4}}
+                  "memory_pp2_gpipe": {"pp": 2, "pp_schedule": "gpipe", "pp_microbatches": 4},
+                  "memory_hsdp_zero3": {"dp": 4, "dp_replicate": 2, "zero_stage": 3}}
 MEMORY_ARGS = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=8,
                    num_key_value_heads=4, max_position_embeddings=512)
 MEMORY_BATCH, MEMORY_SEQ = 4, 64

@@ -3,6 +3,7 @@
     collie estimate configs/my_job.yaml parallel.zero_stage=3 --gpus 16     # exactly what `collie train` runs
     collie estimate --card llama2-7b --dp 8 --zero 1 --dtype bfloat16 --mbs 4 --seq 2048 --ckpt full
     collie estimate --card llama2-70b --plan --gpus 64 --gpu-mem 80 --seq 4096 --dtype bfloat16
+    collie estimate --card llama2-7b --dp 16 --dp-replicate 2 --zero 3 --dtype bfloat16   # HSDP: 2 nodes × 8
     ... --json                                                              # machine-readable
 
 Flags given explicitly override the job config (after its dotted overrides).
@@ -16,12 +17,14 @@ import sys
 from collie.errors import CollieError, ConfigError
 from collie.estimate.communication import CommEstimate, estimate_communication
 from collie.estimate.memory import ALLOCATOR_OVERHEAD, RUNTIME_OVERHEAD_GIB, MemoryEstimate, estimate_memory
-from collie.estimate.plan import PlanRow, plan
+from collie.estimate.plan import Hardware, PlanRow, plan
 from collie.estimate.setup import Setup
 
 # --flag: (Setup field, type, help). Flags default to None so that only the given ones override a config.
 FLAGS = {
     "dp": ("dp", int, "data-parallel degree (parallel.dp)"),
+    "dp_replicate": ("dp_replicate", int, "HSDP: replicas of dp/dp_replicate ranks that shard the state (ZeRO "
+                                         "2/3), all-reduced across replicas (parallel.dp_replicate)"),
     "tp": ("tp", int, "tensor-parallel degree (parallel.tp)"),
     "pp": ("pp", int, "pipeline-parallel degree (parallel.pp)"),
     "zero": ("zero_stage", int, "ZeRO stage 0-3 (parallel.zero_stage)"),
@@ -63,6 +66,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gpu-mem", type=float, default=80.0, metavar="GIB",
                         help="GPU memory in GiB that decides 'fits' (default 80)")
     parser.add_argument("--plan", action="store_true", help="list the layouts of --gpus GPUs that fit")
+    parser.add_argument("--gpus-per-node", type=int, default=Hardware.gpus_per_node, metavar="N",
+                        help=f"plan: GPUs per node; groups within a node use NVLink, and on more than one node "
+                             f"ZeRO-2/3 are also tried as HSDP with a shard group inside a node "
+                             f"(default {Hardware.gpus_per_node})")
     parser.add_argument("--global-batch", type=int, metavar="N",
                         help="plan: sequences per optimizer step (default 4/GPU)")
     parser.add_argument("--all", action="store_true", help="plan: every fitting candidate, not the best per "
@@ -135,7 +142,8 @@ def _print_plan(options, args, setup: Setup, label: str) -> int:
     if not options.gpus:
         raise ConfigError("--plan needs --gpus N (the GPUs to spread the job over)")
     rows = plan(args, options.gpus, options.gpu_mem, base=setup, global_batch=options.global_batch,
-                offload=options.offload, keep="all" if options.all else "best")
+                offload=options.offload, keep="all" if options.all else "best",
+                hardware=Hardware(gpus_per_node=options.gpus_per_node))
     if options.json:
         print(json.dumps({"model": label, "gpus": options.gpus, "gpu_mem_gib": options.gpu_mem,
                           "rows": [r.to_dict() for r in rows]}, indent=2))
@@ -157,7 +165,8 @@ def _count(n: int) -> str:
 
 def describe(setup: Setup) -> str:
     s = setup
-    parts = [f"dp={s.dp} tp={s.tp} pp={s.pp}", f"ZeRO-{s.zero_stage}" + (" +offload" if s.cpu_offload else ""),
+    hsdp = f" ({s.dp_replicate} replicas × {s.dp_shard} shards)" if s.dp_replicate > 1 else ""
+    parts = [f"dp={s.dp}{hsdp} tp={s.tp} pp={s.pp}", f"ZeRO-{s.zero_stage}" + (" +offload" if s.cpu_offload else ""),
              s.optimizer + (f"+lora(r={s.lora_r})" if s.peft == "lora" else ""),
              f"{s.param_dtype} params, {s.compute_dtype} compute", f"checkpointing={s.activation_checkpointing}",
              f"{s.micro_batch_size}×{s.seq_len} tokens per forward"]
@@ -186,8 +195,8 @@ def render_estimate(label: str, num_params: int, memory: MemoryEstimate, comm: C
         lines.append(f"  host (CPU) memory per rank: {memory.host_gib:.2f} GiB")
     lines += ["", f"Communication per optimizer step (pipeline rank {comm.pp_rank}, "
                   f"{comm.tokens_per_step} tokens per replica):",
-              f"  {'dim':<5}{'collective':<16}{'payload GB':>12}"]
-    lines += [f"  {dim:<5}{kind:<16}{payload / 1e9:>12.3f}" for (dim, kind), payload in sorted(comm.payload.items())]
+              f"  {'dim':<13}{'collective':<16}{'payload GB':>12}"]
+    lines += [f"  {dim:<13}{kind:<16}{payload / 1e9:>12.3f}" for (dim, kind), payload in sorted(comm.payload.items())]
     sent = ", ".join(f"{d} {v / 1e9:.3f} GB" for d, v in sorted(comm.wire.items())) or "none"
     lines.append(f"  sent by this rank (ring algorithms): {sent}; {comm.wire_per_token() / 1024:.1f} KiB per token")
     if comm.approximate:
@@ -205,10 +214,12 @@ def render_plan(label: str, num_params: int, gpus: int, gpu_mem_gib: float, base
     table = [head, "", columns, "|" + "---|" * 11]
     for r in rows:
         s, c = r.setup, r.comm_gb
-        table.append(f"| {s.dp} | {s.tp} | {s.pp} | {s.zero_stage}{'+off' if s.cpu_offload else ''} | "
+        dp = f"{s.dp_replicate}×{s.dp_shard}" if s.dp_replicate > 1 else str(s.dp)
+        sent_dp = f"{c.get('dp', 0):.0f}" + (f"+{c['dp_replicate']:.0f}" if "dp_replicate" in c else "")
+        table.append(f"| {dp} | {s.tp} | {s.pp} | {s.zero_stage}{'+off' if s.cpu_offload else ''} | "
                      f"{s.activation_checkpointing} | {'yes' if s.sequence_parallel else 'no'} | "
                      f"{s.n_microbatches}×{s.micro_batch_size // s.n_microbatches}, {s.grad_accum_steps} | "
                      f"{r.memory.peak_gib:.1f} | {r.memory.reserved_gib:.1f} | "
-                     f"{c.get('tp', 0):.0f}/{c.get('dp', 0):.0f}/{c.get('pp', 0):.0f} | "
+                     f"{c.get('tp', 0):.0f}/{sent_dp}/{c.get('pp', 0):.0f} | "
                      f"{r.tokens_per_s_per_gpu:.0f} |")
     return "\n".join(table)

@@ -20,6 +20,9 @@ dp (``collie.distributed.data_parallel``), per step: ZeRO-0 all-reduce of the gr
   ZeRO-1 + broadcast of the updated parameters (w·P_trainable); ZeRO-2 all-gather of the parameters per
   forward + reduce-scatter of the gradients; ZeRO-3 all-gathers again in backward. LOMO/AdaLomo all-reduce
   each gradient in its hook (twice with clip_grad_norm: the norm pass). Gradient sync runs once per step.
+  HSDP (dp_replicate > 1, ZeRO-2/3): the all-gathers and reduce-scatters run within the shard group of
+  dp/dp_replicate ranks (still "dp"), and "dp_replicate" all-reduces each rank's reduce-scattered gradient
+  shard (w·P_trainable/dp_shard) with the same shard of the other replicas, once per step.
 pp (``torch.distributed.pipelining``), per micro-batch: each local stage sends its output (T·h·R, /tp with
   sequence parallel) forward unless last and its input gradient backward unless first.
 """
@@ -138,13 +141,15 @@ def _data_parallel(ledger: _Ledger, args: ModelArgs, setup: Setup, stage: Stage)
         if setup.zero_stage == 1:
             ledger.add("dp", "broadcast", grads, dp)
         return []
-    gathered = dp * w * sum(t.local_numel(setup.tp, dp) for t in tensors)
-    scattered = dp * w * sum(t.local_numel(setup.tp, dp) for t in trainable)
+    shard = setup.dp_shard  # all of dp, or the ranks of one HSDP replica
+    gathered = shard * w * sum(t.local_numel(setup.tp, shard) for t in tensors)
+    scattered = shard * w * sum(t.local_numel(setup.tp, shard) for t in trainable)
     if setup.zero_stage == 2:
-        ledger.add("dp", "all_gather", gathered, dp, setup.grad_accum_steps)
+        ledger.add("dp", "all_gather", gathered, shard, setup.grad_accum_steps)
     else:
-        ledger.add("dp", "all_gather", gathered, dp, 2 * setup.grad_accum_steps * setup.n_microbatches)
-    ledger.add("dp", "reduce_scatter", scattered, dp)
+        ledger.add("dp", "all_gather", gathered, shard, 2 * setup.grad_accum_steps * setup.n_microbatches)
+    ledger.add("dp", "reduce_scatter", scattered, shard)
+    ledger.add("dp_replicate", "all_reduce", scattered / shard, setup.dp_replicate)
     return ["dp"] if setup.zero_stage == 3 and setup.pp > 1 else []
 
 

@@ -19,7 +19,9 @@ stay unsharded because collie turns gradient sync off until the last micro-batch
 micro-batches. ZeRO follows ``collie.distributed.data_parallel``: stage 1 shards optimizer state, stage 2
 (FSDP2 without resharding after forward) also gradients and the at-rest parameters but holds every unsharded
 parameter from forward to backward, stage 3 holds the root group (embedding/norm/head) and two layers at a
-time. LOMO/AdaLomo keep no gradient set: only the parameter being updated, with its fp32 temporaries.
+time. ZeRO shards over the shard group: all of dp, or dp/dp_replicate ranks under HSDP (``dp_replicate`` > 1),
+whose replicas each hold a whole sharded copy. LOMO/AdaLomo keep no gradient set: only the parameter being
+updated, with its fp32 temporaries.
 """
 from __future__ import annotations
 
@@ -105,14 +107,14 @@ def _lora(setup: Setup) -> tuple[tuple[str, ...], int]:
 def _resident(setup: Setup, tensors: list[Tensor]) -> tuple[dict[str, float], float]:
     """Bytes kept on the GPU for the whole step (weights at rest, master copy, optimizer state) and on the
     host (CPU offload: FSDP2 keeps the sharded parameters, gradients and the optimizer on the CPU)."""
-    dp_shards = setup.dp if setup.zero_stage >= 2 else 1
+    dp_shards = setup.dp_shard if setup.zero_stage >= 2 else 1
     weights = sum(t.local_numel(setup.tp, dp_shards) for t in tensors) * setup.param_bytes
-    state_shards = setup.dp if setup.zero_stage >= 1 else 1
+    state_shards = setup.dp_shard if setup.zero_stage >= 1 else 1
     trainable = [t for t in tensors if t.trainable]
     state = optimizer_state_bytes(setup, trainable) / state_shards
     master = _master_bytes(setup, trainable) / state_shards
     if setup.cpu_offload:
-        grads = sum(t.local_numel(setup.tp, setup.dp) for t in trainable) * setup.param_bytes
+        grads = sum(t.local_numel(setup.tp, setup.dp_shard) for t in trainable) * setup.param_bytes
         return {"weights": 0.0, "master_weights": 0.0, "optimizer_state": 0.0}, weights + master + state + grads
     return {"weights": weights, "master_weights": master, "optimizer_state": state}, 0.0
 
@@ -317,13 +319,13 @@ def _in_flight_with_grads(setup: Setup, stage: Stage) -> float:
 
 
 def _final_grads(setup: Setup, tensors: list[Tensor]) -> float:
-    """Gradients at the end of backward: none for fused optimizers (unless accumulating), 1/dp under ZeRO-2/3
-    (reduce-scattered; on the host with CPU offload), all of them otherwise."""
+    """Gradients at the end of backward: none for fused optimizers (unless accumulating), 1/dp_shard under
+    ZeRO-2/3 (reduce-scattered; on the host with CPU offload), all of them otherwise."""
     trainable = [t for t in tensors if t.trainable]
     if setup.fused:
         return _accumulated_grads(setup, tensors)
     if setup.zero_stage >= 2:
-        return 0.0 if setup.cpu_offload else setup.param_bytes * sum(t.local_numel(setup.tp, setup.dp)
+        return 0.0 if setup.cpu_offload else setup.param_bytes * sum(t.local_numel(setup.tp, setup.dp_shard)
                                                                      for t in trainable)
     return setup.param_bytes * sum(t.local_numel(setup.tp) for t in trainable)
 
@@ -387,7 +389,7 @@ def _fused_update_bytes(setup: Setup, tensors: list[Tensor]) -> float:
     temporary at a time (g², then the update; ``collie/optim/adalomo.py``). LOMO updates inside the gradient."""
     if not setup.fused:
         return 0.0
-    shards = setup.dp if setup.zero_stage == 3 else 1
+    shards = setup.dp_shard if setup.zero_stage == 3 else 1
     largest = max((t.local_numel(setup.tp, shards) for t in tensors if t.trainable), default=0)
     upcast = 4 if setup.param_bytes < 4 else 0
     extra = 4 if setup.optimizer == "adalomo" else 0
@@ -398,7 +400,7 @@ def _step_temporaries(setup: Setup, tensors: list[Tensor]) -> float:
     """``step()`` temporaries (STEP_TEMPORARIES × local trainable state) and ZeRO-1's flat broadcast buffer
     (``shard_optimizer_state`` concatenates each owner's parameters)."""
     trainable = [t for t in tensors if t.trainable]
-    shards = setup.dp if setup.zero_stage >= 1 else 1
+    shards = setup.dp_shard if setup.zero_stage >= 1 else 1
     state_bytes = 4 if setup.master_weights else setup.param_bytes
     local = sum(t.local_numel(setup.tp) for t in trainable) / shards
     temporaries = STEP_TEMPORARIES[setup.optimizer] * local * state_bytes

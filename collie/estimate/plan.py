@@ -1,4 +1,5 @@
-"""Search dp × tp × pp (× ZeRO stage × activation checkpointing × sequence parallel) for layouts that fit.
+"""Search dp × tp × pp (× HSDP replicas × ZeRO stage × activation checkpointing × sequence parallel) for layouts
+that fit.
 
 Every candidate is checked with collie's own layout rules (``validate_model_for_layout``, and
 ``collie.layout_rules``, which ``Setup`` runs as config load does), its memory estimated, and the ones that
@@ -12,8 +13,11 @@ fit ranked by a simple step-time model:
     dp       = max(0, bytes sent / bandwidth − backward compute)   (gradient sync overlaps backward)
     offload  = (parameters + gradients moved over PCIe) / PCIe bandwidth
 
-A group uses NVLink when it fits in a node (the mesh is (pp, dp, tp), tp innermost), else the network. It
-ranks layouts; it does not predict throughput to better than a factor of about 1.5.
+A group uses NVLink when it fits in a node (the mesh is (pp, dp_replicate, dp_shard, tp), tp innermost), else
+the network. On more than one node, ZeRO-2/3 layouts are also tried as HSDP: ``dp_replicate`` replicas whose
+shard group (tp·dp_shard GPUs) fits in a node, so that all-gathers and reduce-scatters stay on NVLink and only
+the all-reduce of each rank's gradient shard crosses nodes (``dp_replicate`` in the sent bytes). It ranks
+layouts; it does not predict throughput to better than a factor of about 1.5.
 """
 from __future__ import annotations
 
@@ -50,7 +54,8 @@ class PlanRow:
 
     def to_dict(self) -> dict:
         s = self.setup
-        return {"dp": s.dp, "tp": s.tp, "pp": s.pp, "zero_stage": s.zero_stage, "cpu_offload": s.cpu_offload,
+        return {"dp": s.dp, "dp_replicate": s.dp_replicate, "tp": s.tp, "pp": s.pp, "zero_stage": s.zero_stage,
+                "cpu_offload": s.cpu_offload,
                 "activation_checkpointing": s.activation_checkpointing, "sequence_parallel": s.sequence_parallel,
                 "pp_schedule": s.pp_schedule, "pp_microbatches": s.n_microbatches,
                 "micro_batch_size": s.micro_batch_size, "grad_accum_steps": s.grad_accum_steps,
@@ -66,17 +71,19 @@ def plan(args: ModelArgs, num_gpus: int, gpu_mem_gib: float, base: Setup | None 
 
     ``base`` gives the recipe (optimizer, dtypes, seq_len, PEFT, micro_batch_size = sequences per pipeline
     micro-batch); ``global_batch`` sequences per optimizer step (default: 4 per GPU). ``keep="best"`` keeps the
-    best row per (dp, tp, pp); ``"all"`` every fitting candidate."""
+    best row per (dp, dp_replicate, tp, pp); ``"all"`` every fitting candidate."""
     base = base or Setup()
     hardware = hardware or Hardware()
     global_batch = global_batch or 4 * num_gpus
-    rows = [row for setup in _candidates(args, num_gpus, base, global_batch, zero_stages, checkpointing, offload)
+    candidates = _candidates(args, num_gpus, base, global_batch, zero_stages, checkpointing, offload,
+                             hardware.gpus_per_node)
+    rows = [row for setup in candidates
             if (row := _evaluate(args, setup, gpu_mem_gib, hardware)) is not None]
     rows.sort(key=lambda r: -r.tokens_per_s_per_gpu)
     if keep == "best":
         seen, best = set(), []
         for row in rows:
-            key = (row.setup.dp, row.setup.tp, row.setup.pp)
+            key = (row.setup.dp, row.setup.dp_replicate, row.setup.tp, row.setup.pp)
             if key not in seen:
                 seen.add(key)
                 best.append(row)
@@ -84,7 +91,7 @@ def plan(args: ModelArgs, num_gpus: int, gpu_mem_gib: float, base: Setup | None 
     return rows
 
 
-def _candidates(args, num_gpus, base, global_batch, zero_stages, checkpointing, offload):
+def _candidates(args, num_gpus, base, global_batch, zero_stages, checkpointing, offload, gpus_per_node):
     for tp, pp in itertools.product(_divisors(num_gpus), repeat=2):
         if num_gpus % (tp * pp):
             continue
@@ -95,15 +102,26 @@ def _candidates(args, num_gpus, base, global_batch, zero_stages, checkpointing, 
         if batch is None:
             continue
         boundaries = base.pp_boundaries if pp == base.pp else None  # the job's split fits only its own pp
-        for zero, ckpt, sp, off in itertools.product(zero_stages, checkpointing, (False, True), (False, True)):
-            if (zero > 0 and dp == 1) or (off and not offload):  # the search space, not validity
+        replicas = _replica_choices(num_gpus, dp, tp, gpus_per_node)
+        for zero, replicate, ckpt, sp, off in itertools.product(zero_stages, replicas, checkpointing, (False, True),
+                                                                (False, True)):
+            if (zero > 0 and dp == 1) or (off and not offload) or (replicate > 1 and zero < 2):  # search space
                 continue
             try:  # Setup.check runs collie's layout rules (collie.layout_rules), as config load does
-                setup = base.replace(dp=dp, tp=tp, pp=pp, zero_stage=zero, activation_checkpointing=ckpt,
-                                     sequence_parallel=sp, cpu_offload=off, pp_boundaries=boundaries, **batch)
+                setup = base.replace(dp=dp, dp_replicate=replicate, tp=tp, pp=pp, zero_stage=zero,
+                                     activation_checkpointing=ckpt, sequence_parallel=sp, cpu_offload=off,
+                                     pp_boundaries=boundaries, **batch)
             except ConfigError:
                 continue
             yield setup
+
+
+def _replica_choices(num_gpus: int, dp: int, tp: int, gpus_per_node: int) -> list[int]:
+    """HSDP replica counts worth trying: 1 (shard over all of dp), and on more than one node each count whose
+    shard group (tp · dp/replicas GPUs, at least 2 ranks) fits in a node."""
+    if num_gpus <= gpus_per_node:
+        return [1]
+    return [1] + [r for r in _divisors(dp) if 1 < r < dp and tp * (dp // r) <= gpus_per_node]
 
 
 def _batching(base: Setup, pp: int, per_replica: int) -> dict | None:
@@ -149,7 +167,7 @@ def step_seconds(args: ModelArgs, setup: Setup, wire: dict[str, float], hw: Hard
     seconds = compute + bubble
     for dim in ("tp", "pp"):
         seconds += wire.get(dim, 0.0) / (_bandwidth(setup, dim, hw) * 1e9)
-    dp_time = wire.get("dp", 0.0) / (_bandwidth(setup, "dp", hw) * 1e9)
+    dp_time = sum(wire.get(dim, 0.0) / (_bandwidth(setup, dim, hw) * 1e9) for dim in ("dp", "dp_replicate"))
     seconds += max(0.0, dp_time - 2 / 3 * compute)
     if setup.cpu_offload:
         moved = 2 * args.num_params() / setup.world_size * setup.param_bytes * setup.grad_accum_steps
@@ -168,8 +186,10 @@ def _recompute_fraction(setup: Setup) -> float:
 
 
 def _bandwidth(setup: Setup, dim: str, hw: Hardware) -> float:
-    """NVLink when the dimension's groups stay inside a node (mesh order pp, dp, tp), else the network."""
-    span = {"tp": setup.tp, "dp": setup.tp * setup.dp, "pp": setup.world_size}[dim]
+    """NVLink when the dimension's groups stay inside a node (mesh order pp, dp_replicate, dp_shard, tp), else the
+    network. "dp" is the shard group (all of dp without HSDP), "dp_replicate" the replicas."""
+    span = {"tp": setup.tp, "dp": setup.tp * setup.dp_shard, "dp_replicate": setup.tp * setup.dp,
+            "pp": setup.world_size}[dim]
     return hw.nvlink_gbps if span <= hw.gpus_per_node else hw.network_gbps
 
 

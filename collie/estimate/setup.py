@@ -23,7 +23,8 @@ FUSED_OPTIMIZERS = ("lomo", "adalomo")
 class Setup:
     """One training job's layout and recipe (per data-parallel rank: ``micro_batch_size`` sequences of
     ``seq_len`` tokens per forward)."""
-    dp: int = 1
+    dp: int = 1  # every data-parallel rank: dp_replicate × dp_shard
+    dp_replicate: int = 1  # HSDP replicas (parallel.dp_replicate): ZeRO-2/3 shard over dp / dp_replicate ranks
     tp: int = 1
     pp: int = 1
     zero_stage: int = 0
@@ -63,6 +64,11 @@ class Setup:
         return self.pp > 1 if self.hold_logits is None else self.hold_logits
 
     @property
+    def dp_shard(self) -> int:
+        """Ranks that share (shard) one copy of the parameters, gradients and optimizer state under ZeRO."""
+        return self.dp // self.dp_replicate
+
+    @property
     def world_size(self) -> int:
         return self.dp * self.tp * self.pp
 
@@ -100,7 +106,8 @@ class Setup:
 
     # --- checks ----------------------------------------------------------------------------------------------
     def check(self) -> None:
-        for name in ("dp", "tp", "pp", "micro_batch_size", "seq_len", "grad_accum_steps", "checkpoint_every"):
+        for name in ("dp", "dp_replicate", "tp", "pp", "micro_batch_size", "seq_len", "grad_accum_steps",
+                     "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"estimate: {name}={getattr(self, name)} must be >= 1")
         _choice("zero_stage", self.zero_stage, (0, 1, 2, 3))
@@ -116,6 +123,7 @@ class Setup:
         if unknown:
             raise ConfigError(f"estimate: lora target(s) {unknown} unknown; choose from {', '.join(LINEAR_NAMES)}")
         check_layout(dp=self.dp, tp=self.tp, pp=self.pp, zero_stage=self.zero_stage, engine=self.engine,
+                     dp_replicate=self.dp_replicate,
                      optimizer=self.optimizer, fused=self.fused, micro_batch_size=self.micro_batch_size,
                      pp_microbatches=self.pp_microbatches, pp_schedule=self.pp_schedule,
                      pp_boundaries=self.pp_boundaries, seq_len=self.seq_len, sequence_parallel=self.sequence_parallel,
@@ -136,7 +144,7 @@ class Setup:
         # collie's fp32 master weights for 16-bit models: fp32 parameters, 16-bit autocast
         param_dtype = str(storage_dtype(cfg)).removeprefix("torch.")
         return cls(
-            dp=dp, tp=p.tp, pp=p.pp, zero_stage=p.zero_stage, cpu_offload=p.cpu_offload,
+            dp=dp, dp_replicate=p.dp_replicate, tp=p.tp, pp=p.pp, zero_stage=p.zero_stage, cpu_offload=p.cpu_offload,
             sequence_parallel=p.sequence_parallel, pp_schedule=p.pp_schedule, pp_microbatches=p.pp_microbatches,
             pp_split=p.pp_split, pp_boundaries=tuple(p.pp_boundaries) if p.pp_boundaries else None,
             engine=p.engine, optimizer=cfg.optim.name, clip_grad_norm=cfg.optim.clip_grad_norm,
