@@ -26,7 +26,8 @@ def gib(value_bytes: float) -> float:
 
 # --- exact arithmetic --------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("card", ["tiny", "llama-1b", "llama2-70b", "qwen2-7b", "internlm2-7b"])
+@pytest.mark.parametrize("card", ["tiny", "llama-1b", "llama2-70b", "qwen2-7b", "internlm2-7b", "qwen3-0.6b",
+                                  "phi3-mini"])
 def test_inventory_is_num_params(card):
     args = load_card(card)
     assert sum(t.numel for t in model_tensors(args)) == args.num_params()
