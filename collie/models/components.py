@@ -220,12 +220,19 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    """Pre-norm residual block: attention, then MLP."""
+    """Pre-norm residual block: attention, then MLP.
 
-    def __init__(self, args: ModelArgs):
+    The per-family pieces are class attributes (``attention_class``, ``mlp_class``): a family subclasses the layer
+    and sets its model's ``layer_class``. ``index`` is the layer's position, for families whose layers differ
+    (``sliding_window``: this layer's attention window, None = full causal; the model builds one mask per window)."""
+    attention_class = Attention
+    mlp_class = MLP
+
+    def __init__(self, args: ModelArgs, index: int = 0):
         super().__init__()
-        self.self_attn = Attention(args)
-        self.mlp = MLP(args)
+        self.sliding_window = args.sliding_window
+        self.self_attn = self.attention_class(args)
+        self.mlp = self.mlp_class(args)
         self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
 

@@ -35,13 +35,12 @@ _HF_REQUIRED_KEYS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidd
 class LlamaModel(nn.Module):
     """Embeddings, decoder layers and final norm; returns hidden states."""
 
-    def __init__(self, args: ModelArgs):
+    def __init__(self, args: ModelArgs, layer_class: type = DecoderLayer):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
-        self.layers = nn.ModuleDict({str(i): DecoderLayer(args) for i in range(args.num_hidden_layers)})
+        self.layers = nn.ModuleDict({str(i): layer_class(args, i) for i in range(args.num_hidden_layers)})
         self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(args)
-        self.sliding_window = args.sliding_window
 
     def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, cache: KVCache | None = None,
@@ -52,12 +51,14 @@ class LlamaModel(nn.Module):
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + seq_len, device=h.device)[None]
         cos, sin = self.rotary_emb(position_ids, h.dtype, past_len)
-        if document_ids is None:
-            mask = build_attention_mask(attention_mask, seq_len, self.sliding_window, h.device, past_len)
-        else:
-            mask = document_segments(document_ids, attention_mask, cache, self.sliding_window)
+        masks = {}  # one per attention window of this stage's layers
+        for window in {layer.sliding_window for layer in self.layers.values()}:
+            if document_ids is None:
+                masks[window] = build_attention_mask(attention_mask, seq_len, window, h.device, past_len)
+            else:
+                masks[window] = document_segments(document_ids, attention_mask, cache, window)
         for name, layer in self.layers.items():
-            h = layer(h, cos, sin, mask, cache=None if cache is None else cache.layer(name))
+            h = layer(h, cos, sin, masks[layer.sliding_window], cache=None if cache is None else cache.layer(name))
         return h if self.norm is None else self.norm(h)
 
 
@@ -66,12 +67,13 @@ class LlamaForCausalLM(nn.Module):
     """Decoder-only language model: ``forward(input_ids) -> logits`` of shape (batch, seq, vocab)."""
     hf_architecture = "LlamaForCausalLM"
     hf_model_type = "llama"
+    layer_class = DecoderLayer  # a family's decoder layer (its attention, MLP or MoE block, norm placement)
     hf_qk_norm = False  # whether the checkpoint format has q_norm/k_norm weights
 
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        self.model = LlamaModel(args)
+        self.model = LlamaModel(args, self.layer_class)
         self.lm_head = nn.Linear(args.hidden_size, args.vocab_size, bias=False)
         self.tie_weights()
 
