@@ -55,6 +55,9 @@ def layer_tensors(args: ModelArgs, lora_targets: tuple[str, ...] = (), lora_r: i
            Tensor("down_proj", (h, inner), 1, not frozen),
            Tensor("input_layernorm", (h,), None, not frozen), Tensor("post_attention_layernorm", (h,), None,
                                                                          not frozen)]
+    if args.sandwich_norms:  # Gemma's pre/post-feedforward norms
+        out += [Tensor(name, (h,), None, not frozen) for name in ("pre_feedforward_layernorm",
+                                                                  "post_feedforward_layernorm")]
     if args.qk_norm:  # over head_dim, replicated like the other norms
         out += [Tensor("q_norm", (d,), None, not frozen), Tensor("k_norm", (d,), None, not frozen)]
     if args.qkv_bias:

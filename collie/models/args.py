@@ -7,7 +7,7 @@ they follow keeps them consistent; read the resolved values from ``n_kv_heads`` 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Literal, Optional
 
 from collie.errors import ConfigError
 
@@ -50,6 +50,20 @@ class ModelArgs:
     tie_word_embeddings: bool = _f(False, "lm_head shares its weight with the token embeddings")
     sliding_window: Optional[int] = _f(None, "attend only to the last N tokens (Mistral); null = full causal",
                                        min=1)
+    layer_types: Optional[list[str]] = _f(None, "per layer: sliding_attention (uses sliding_window) or "
+                                                "full_attention; null = every layer uses sliding_window (Gemma 2: "
+                                                "alternating, from its config)")
+    hidden_act: Literal["silu", "gelu_pytorch_tanh"] = _f("silu", "gate activation of the gated MLP: silu "
+                                                                  "(SwiGLU) or gelu_pytorch_tanh (GeGLU, Gemma)")
+    sandwich_norms: bool = _f(False, "also normalise each block's output before the residual add (Gemma 2/3: "
+                                     "post-attention and pre/post-feedforward norms)")
+    scale_embeddings: bool = _f(False, "multiply token embeddings by sqrt(hidden_size) (Gemma)")
+    query_pre_attn_scalar: Optional[float] = _f(None, "attention scores scale by query_pre_attn_scalar^-0.5; "
+                                                      "null = head_dim (Gemma 2 sets its own)", greater_than=0.0)
+    attn_logit_softcapping: Optional[float] = _f(None, "cap attention scores at ±c by c·tanh(s/c) (Gemma 2); "
+                                                       "null = off", greater_than=0.0)
+    final_logit_softcapping: Optional[float] = _f(None, "cap the output logits the same way (Gemma 2); null = off",
+                                                  greater_than=0.0)
     initializer_range: float = _f(0.02, "standard deviation of the random weight init", min=0.0)
     bos_token_id: Optional[int] = _f(1, "beginning-of-sequence token id", min=0)
     eos_token_id: Optional[int] = _f(2, "end-of-sequence token id", min=0)
@@ -66,6 +80,11 @@ class ModelArgs:
             raise ConfigError(f"head_dim={self.head_dim_} must be even for rotary embeddings")
         if self.rope_scaling is not None:
             self.rope_scaling = normalize_rope_scaling(self.rope_scaling)
+        if self.layer_types is not None:
+            kinds = ("sliding_attention", "full_attention")
+            if len(self.layer_types) != self.num_hidden_layers or not set(self.layer_types) <= set(kinds):
+                raise ConfigError(f"layer_types must list {self.num_hidden_layers} entries (num_hidden_layers), each "
+                                  f"one of {', '.join(kinds)}; got {self.layer_types}")
 
     @property
     def n_kv_heads(self) -> int:
@@ -84,7 +103,7 @@ class ModelArgs:
         attention = hidden * (q_width + 2 * kv_width) + q_width * hidden
         attention += (q_width + 2 * kv_width) * self.qkv_bias + hidden * self.o_bias + 2 * self.head_dim_ * self.qk_norm
         mlp = 3 * hidden * self.intermediate_size + (2 * self.intermediate_size + hidden) * self.mlp_bias
-        layer = attention + mlp + 2 * hidden
+        layer = attention + mlp + (4 if self.sandwich_norms else 2) * hidden
         embeddings = self.vocab_size * hidden * (1 if self.tie_word_embeddings else 2)
         return self.num_hidden_layers * layer + embeddings + hidden
 
