@@ -216,6 +216,8 @@ def validate_model_for_layout(args, parallel_cfg, tp: int | None = None, pp: int
                         ("vocab_size", args.vocab_size), ("intermediate_size", args.intermediate_size)):
         if value % tp:
             raise ConfigError(f"parallel.tp={tp} does not divide {name}={value}; choose {_divisors(value)}")
+    if getattr(args, "num_experts", None):
+        _check_moe_layout(args, tp, pp)
     if pp == 1:
         return
     stages = virtual_stages(parallel_cfg)
@@ -239,3 +241,15 @@ def validate_model_for_layout(args, parallel_cfg, tp: int | None = None, pp: int
         if any(b <= a for a, b in zip(edges, edges[1:])):
             raise ConfigError(f"parallel.pp_boundaries={boundaries} must be strictly increasing values in "
                               f"1..{layers - 1} so that every stage gets at least one layer")
+
+
+def _check_moe_layout(args, tp: int, pp: int) -> None:
+    """Mixture-of-experts models: experts are not tensor-parallel, and the router losses couple every layer of a
+    forward (transformers' load-balancing loss), which pipeline stages split."""
+    if tp > 1:
+        raise ConfigError(f"parallel.tp={tp}: the experts of architecture {args.architecture} are not tensor "
+                          f"parallel; use parallel.tp=1 with data parallelism (ZeRO) or pipeline stages")
+    if pp > 1 and (args.router_aux_loss_coef or args.router_z_loss_coef):
+        raise ConfigError(f"parallel.pp={pp}: the router losses of architecture {args.architecture} span all "
+                          f"layers, which pipeline stages split; set model.arch.router_aux_loss_coef=0 and "
+                          f"model.arch.router_z_loss_coef=0, or parallel.pp=1")

@@ -51,8 +51,9 @@ def layer_tensors(args: ModelArgs, lora_targets: tuple[str, ...] = (), lora_r: i
     frozen = bool(lora_r)
     out = [Tensor("q_proj", (q, h), 0, not frozen), Tensor("k_proj", (kv, h), 0, not frozen),
            Tensor("v_proj", (kv, h), 0, not frozen), Tensor("o_proj", (h, q), 1, not frozen),
-           Tensor("gate_proj", (inner, h), 0, not frozen), Tensor("up_proj", (inner, h), 0, not frozen),
-           Tensor("down_proj", (h, inner), 1, not frozen),
+           *(_moe_tensors(args, frozen) if args.num_experts else
+             [Tensor("gate_proj", (inner, h), 0, not frozen), Tensor("up_proj", (inner, h), 0, not frozen),
+              Tensor("down_proj", (h, inner), 1, not frozen)]),
            Tensor("input_layernorm", (h,), None, not frozen), Tensor("post_attention_layernorm", (h,), None,
                                                                          not frozen)]
     if args.sandwich_norms:  # Gemma's pre/post-feedforward norms
@@ -73,6 +74,18 @@ def layer_tensors(args: ModelArgs, lora_targets: tuple[str, ...] = (), lora_r: i
         # column-parallel targets: B (out, r) is split with the output; row-parallel: A (r, in) with the input
         out.append(Tensor(f"{base.name}.lora_A", (lora_r, cols), 1 if base.name in ROWWISE else None))
         out.append(Tensor(f"{base.name}.lora_B", (rows, lora_r), 0 if base.name in COLWISE else None))
+    return out
+
+
+def _moe_tensors(args: ModelArgs, frozen: bool) -> list[Tensor]:
+    """A sparse MoE block (collie.models.moe): the router and one SwiGLU per routed expert, each its own
+    parameters (FSDP shards each on its own), plus the shared expert and its gate; not tensor parallel."""
+    h, inner, shared = args.hidden_size, args.moe_intermediate_size_, args.shared_expert_intermediate_size
+    expert = lambda width: [Tensor(f"experts.{name}", shape, None, not frozen) for name, shape in (  # noqa: E731
+        ("gate_proj", (width, h)), ("up_proj", (width, h)), ("down_proj", (h, width)))]
+    out = [Tensor("router", (args.num_experts, h), None, not frozen), *expert(inner) * args.num_experts]
+    if shared:
+        out += [*expert(shared), Tensor("shared_expert_gate", (1, h), None, not frozen)]
     return out
 
 

@@ -68,6 +68,20 @@ class ModelArgs:
     bos_token_id: Optional[int] = _f(1, "beginning-of-sequence token id", min=0)
     eos_token_id: Optional[int] = _f(2, "end-of-sequence token id", min=0)
     pad_token_id: Optional[int] = _f(None, "padding token id", min=0)
+    # mixture of experts (collie/models/moe.py): every layer's MLP becomes a routed sparse MoE block
+    num_experts: Optional[int] = _f(None, "routed experts per layer (HF num_local_experts / num_experts); null = "
+                                          "dense MLP", min=1)
+    num_experts_per_tok: int = _f(2, "experts each token is routed to (top-k)", min=1)
+    moe_intermediate_size: Optional[int] = _f(None, "width of one expert's SwiGLU; null = intermediate_size "
+                                                    "(Mixtral)", min=1)
+    shared_expert_intermediate_size: Optional[int] = _f(None, "width of the always-on shared expert, scaled by a "
+                                                              "sigmoid gate (Qwen2-MoE); null = none", min=1)
+    norm_topk_prob: bool = _f(True, "renormalise the top-k routing probabilities to sum to 1 (Mixtral: always; "
+                                    "Qwen-MoE: from the config)")
+    router_aux_loss_coef: float = _f(0.0, "weight of the load-balancing loss (transformers' "
+                                          "load_balancing_loss_func) added to the training loss", min=0.0)
+    router_z_loss_coef: float = _f(0.0, "weight of the router z-loss (mean squared logsumexp of router logits) "
+                                        "added to the training loss", min=0.0)
 
     def __post_init__(self):
         if self.head_dim is None and self.hidden_size % self.num_attention_heads:
@@ -80,6 +94,9 @@ class ModelArgs:
             raise ConfigError(f"head_dim={self.head_dim_} must be even for rotary embeddings")
         if self.rope_scaling is not None:
             self.rope_scaling = normalize_rope_scaling(self.rope_scaling)
+        if self.num_experts is not None and self.num_experts_per_tok > self.num_experts:
+            raise ConfigError(f"num_experts_per_tok={self.num_experts_per_tok} exceeds num_experts="
+                              f"{self.num_experts}; choose at most {self.num_experts}")
         if self.layer_types is not None:
             kinds = ("sliding_attention", "full_attention")
             if len(self.layer_types) != self.num_hidden_layers or not set(self.layer_types) <= set(kinds):
@@ -103,9 +120,22 @@ class ModelArgs:
         attention = hidden * (q_width + 2 * kv_width) + q_width * hidden
         attention += (q_width + 2 * kv_width) * self.qkv_bias + hidden * self.o_bias + 2 * self.head_dim_ * self.qk_norm
         mlp = 3 * hidden * self.intermediate_size + (2 * self.intermediate_size + hidden) * self.mlp_bias
+        if self.num_experts:
+            mlp = self.moe_layer_params()
         layer = attention + mlp + (4 if self.sandwich_norms else 2) * hidden
         embeddings = self.vocab_size * hidden * (1 if self.tie_word_embeddings else 2)
         return self.num_hidden_layers * layer + embeddings + hidden
+
+    @property
+    def moe_intermediate_size_(self) -> int:
+        """Width of one routed expert, resolved."""
+        return self.moe_intermediate_size or self.intermediate_size
+
+    def moe_layer_params(self) -> int:
+        """Parameters of one sparse MoE block: router, routed experts, shared expert and its gate."""
+        hidden, shared = self.hidden_size, self.shared_expert_intermediate_size
+        experts = self.num_experts * 3 * hidden * self.moe_intermediate_size_
+        return hidden * self.num_experts + experts + (3 * hidden * shared + hidden if shared else 0)
 
 
 def normalize_rope_scaling(scaling: dict) -> Optional[dict]:
