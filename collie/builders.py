@@ -50,8 +50,12 @@ def resolve_device(name: str) -> torch.device:
 
 
 def build_model_args(model_cfg):
-    """The architecture: from the pretrained directory's config.json, else the card; then ``model.arch``."""
+    """The architecture: from the pretrained directory's config.json, else the card; then ``model.arch``. With
+    ``model.backend: hf``, the ``transformers`` model's description (``HFModelArgs``)."""
     from collie.models import load_card, load_hf_config
+    if model_cfg.backend == "hf":
+        from collie.models.hf_backend import hf_model_args
+        return hf_model_args(model_cfg.pretrained)
     args = load_hf_config(model_cfg.pretrained) if model_cfg.pretrained else load_card(model_cfg.card)
     if model_cfg.arch:
         from collie.schema import from_dict
@@ -71,6 +75,8 @@ def build_model(cfg, args, ctx):
     if master_weights(cfg):
         logger.info("model.dtype=%s with optim.name=%s: fp32 master weights, computed in %s", m.dtype,
                     cfg.optim.name, compute_dtype(cfg))
+    if m.backend == "hf":
+        return build_hf_backend_model(cfg, ctx)
     ctx.validate_model(args)
     if ctx.world_size == 1 or cfg.parallel.engine == "deepspeed":  # DeepSpeed partitions the full model itself
         if m.pretrained:
@@ -102,6 +108,26 @@ def build_model(cfg, args, ctx):
     return model
 
 
+def build_hf_backend_model(cfg, ctx):
+    """``model.backend: hf``: the ``transformers`` model of ``model.pretrained``, loaded whole on every rank (the
+    same weights everywhere, so nothing is broadcast), adapted (PEFT) and wrapped for data parallelism / ZeRO."""
+    from collie.distributed import parallelize_loaded
+    from collie.models.hf_backend import HFCausalLM
+    from collie.peft import apply_peft
+    m = cfg.model
+    model = HFCausalLM.from_pretrained(m.pretrained, dtype=storage_dtype(cfg), device=ctx.device)
+    model = apply_peft(model, cfg.peft, cfg.train.seed, ctx.world_size)
+    if ctx.world_size == 1:
+        apply_activation_checkpointing(model, m.activation_checkpointing, m.checkpoint_every)
+        return compile_layers(model, cfg)
+    model = parallelize_loaded(model, cfg.parallel, ctx, activation_checkpointing=m.activation_checkpointing,
+                               checkpoint_every=m.checkpoint_every,
+                               compute_dtype=compute_dtype(cfg) if master_weights(cfg) else None)
+    for part in model.parts:
+        compile_layers(part, cfg)
+    return model
+
+
 def compile_layers(model, cfg):
     """``torch.compile`` each decoder layer in place (``train.compile``): layer by layer keeps compile time and
     graph breaks local, and composes with activation checkpointing, FSDP2 and pipeline stages.
@@ -113,7 +139,8 @@ def compile_layers(model, cfg):
         return model
     if is_fused_optimizer(cfg.optim.name):
         torch._functorch.config.donated_buffer = False
-    for layer in model.model.layers.values():
+    from collie.models.hf_backend import decoder_layers
+    for layer in decoder_layers(model).values():
         layer.compile(backend=cfg.train.compile_backend)
     return model
 

@@ -38,6 +38,11 @@ class ModelConfig:
     arch: dict = _f({}, "overrides of card fields, e.g. {num_hidden_layers: 2}; keys are ModelArgs fields")
     pretrained: Optional[str] = _f(None, "local Hugging Face model directory to load architecture and weights "
                                          "from (overrides card); null = random init")
+    backend: Literal["collie", "hf"] = _f("collie", "collie: collie's implementation of the architecture (a card or "
+                                                    "model.pretrained of a registered family; every layout); hf: "
+                                                    "the transformers AutoModelForCausalLM in model.pretrained (any "
+                                                    "family transformers defines, no remote code; data parallel "
+                                                    "and ZeRO 0-3; see docs/hf_backend.md)")
     dtype: Literal["float32", "bfloat16", "float16"] = _f("float32", "dtype of the parameters")
     activation_checkpointing: Literal["none", "full", "selective", "attention"] = _f(
         "none", "recompute activations in backward: none, full (every layer), selective (every "
@@ -288,6 +293,9 @@ def apply_overrides(data: dict, overrides: list[str]) -> dict:
 
 def _check_model_arch(cfg: CollieConfig) -> None:
     from collie.models.args import ModelArgs
+    if cfg.model.backend == "hf":
+        _check_hf_backend(cfg)
+        return
     fields = {f.name for f in dataclasses.fields(ModelArgs)}
     for key in cfg.model.arch:
         if key not in fields:
@@ -295,6 +303,27 @@ def _check_model_arch(cfg: CollieConfig) -> None:
                               f"valid keys are the ModelArgs fields: {', '.join(sorted(fields))}")
     if cfg.model.pretrained is None:  # a card is cheap to read: check it and the arch overrides at load
         _check_card_and_arch(cfg.model)
+
+
+def _check_hf_backend(cfg: CollieConfig) -> None:
+    """``model.backend: hf`` trains a transformers model as its directory defines it, data parallel only."""
+    from collie.layout_rules import check_hf_backend
+    m = cfg.model
+    if not m.pretrained:
+        raise ConfigError("model.backend=hf trains the transformers model of a Hugging Face directory: set "
+                          "model.pretrained to a local model directory (config.json + weights)")
+    if m.arch:
+        raise ConfigError(f"model.arch={m.arch} changes collie's architectures; with model.backend=hf the model is "
+                          f"what {m.pretrained}/config.json says: edit that file instead and set model.arch={{}}")
+    check_hf_backend(cfg.parallel.tp, cfg.parallel.pp, cfg.parallel.engine)
+    unsupported = {"data.document_masking=true": cfg.data.document_masking,
+                   "model.activation_checkpointing=attention": m.activation_checkpointing == "attention",
+                   "train.loss_chunk_size": bool(cfg.train.loss_chunk_size)}
+    for what, refused in unsupported.items():
+        if refused:
+            raise ConfigError(f"{what} needs collie's own model code and is not supported with model.backend=hf "
+                              f"(a transformers model); turn it off or use model.backend=collie with a "
+                              f"registered family")
 
 
 def _check_card_and_arch(model) -> None:

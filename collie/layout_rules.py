@@ -142,6 +142,23 @@ def check_dp_replicate(dp_replicate: int, dp: int, zero_stage: int, engine: str 
                           f"dp/dp_replicate shards, at least 2; choose parallel.dp_replicate {choose}")
 
 
+# --- model backends ----------------------------------------------------------------------------------------
+
+def check_hf_backend(tp: int, pp: int, engine: str) -> None:
+    """``model.backend: hf`` runs any transformers causal LM, which has no tensor or pipeline plan: data
+    parallelism and ZeRO 0–3 only (the registered families have both, with model.backend=collie)."""
+    from collie.models import list_models
+    for key, value in (("tp", tp), ("pp", pp)):
+        if value > 1:
+            raise ConfigError(f"parallel.{key}={value} is not supported with model.backend=hf: a transformers model "
+                              f"runs data parallel and ZeRO 0-3 only (parallel.tp=1, parallel.pp=1). Tensor and "
+                              f"pipeline parallelism need collie's implementation of the family: "
+                              f"{', '.join(list_models())} (model.backend=collie)")
+    if engine == "deepspeed":
+        raise ConfigError("parallel.engine=deepspeed is not supported with model.backend=hf; use "
+                          "parallel.engine=native (ZeRO 0-3 with torch's DDP/FSDP2)")
+
+
 # --- optimizers and engines --------------------------------------------------------------------------------
 
 def check_fused_optimizer(name: str, pp: int, zero_stage: int, engine: str) -> None:

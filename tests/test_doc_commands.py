@@ -75,6 +75,10 @@ SHORTER = {
 }
 # Outputs that a command of another section or document reads, and the documented command that writes them.
 PRODUCERS = {
+    "outputs/tiny-gpt2": "python -c \"import transformers as t; t.AutoModelForCausalLM.from_config(t.GPT2Config("
+                                  "vocab_size=512, n_embd=64, n_layer=2, n_head=4)).save_pretrained('outputs/tiny-gpt2')"
+                                  "\" && collie train configs/quickstart.yaml model.backend=hf "
+                                  "model.pretrained=outputs/tiny-gpt2 train.output_dir=outputs/hf-gpt2",
     "outputs/quickstart/": "collie train configs/quickstart.yaml",
     "outputs/lora/": 'collie train configs/sft_tiny.yaml peft.method=lora peft.r=8 '
                      '"peft.target_modules=[q_proj,v_proj]" train.output_dir=outputs/lora',

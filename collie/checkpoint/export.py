@@ -67,9 +67,15 @@ def _trained_model(saved: dict, state_file: str):
     from collie.models import ModelArgs, build_model
     from collie.peft import apply_lora
     from collie.schema import from_dict
+    from collie.models.hf_backend import hf_args_from_dict
     if not isinstance(saved.get("model_args"), dict):
         raise CheckpointError(f"{state_file} has no model_args: not a collie training checkpoint")
-    model = build_model(from_dict(ModelArgs, saved["model_args"], f"{state_file}: model_args"), device="cpu")
+    where = f"{state_file}: model_args"
+    if saved["model_args"].get("backend") == "hf":  # model.backend=hf: the transformers model it describes
+        args = hf_args_from_dict(saved["model_args"], where)
+    else:
+        args = from_dict(ModelArgs, saved["model_args"], where)
+    model = build_model(args, device="cpu")
     peft = (saved.get("config") or {}).get("peft") or {}
     method = peft.get("method", "none")
     if method == "lora":

@@ -30,7 +30,10 @@ def apply_activation_checkpointing(model: torch.nn.Module, mode: str, every: int
     block of every layer (q/k/v, scores and output recomputed; the MLP keeps its activations); ``none``."""
     if mode not in MODES:
         raise ConfigError(f"model.activation_checkpointing={mode!r}; choose {', '.join(MODES)}")
-    for index, layer in model.model.layers.items():
+    if mode == "none":
+        return
+    from collie.models.hf_backend import decoder_layers
+    for index, layer in decoder_layers(model).items():
         if mode == "attention":
             _checkpoint(layer.self_attn)
         elif mode == "full" or (mode == "selective" and int(index) % every == 0):

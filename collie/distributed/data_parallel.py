@@ -27,6 +27,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from torch.distributed.tensor import DTensor
 
 from collie.layout_rules import check_cpu_offload
+from collie.models.hf_backend import decoder_layers
 
 
 def apply_data_parallel(model, dp_mesh, zero_stage: int, cpu_offload: bool = False,
@@ -36,8 +37,9 @@ def apply_data_parallel(model, dp_mesh, zero_stage: int, cpu_offload: bool = Fal
     ``compute_dtype`` (ZeRO-2/3 over fp32 master weights): parameters are gathered in it, gradients reduced
     in fp32."""
     check_cpu_offload(cpu_offload, zero_stage)
+    layers = decoder_layers(model).values()
     if zero_stage in (0, 1):
-        for layer in model.model.layers.values():
+        for layer in layers:
             replicate(layer, mesh=dp_mesh)
         replicate(model, mesh=dp_mesh)
     else:
@@ -46,7 +48,7 @@ def apply_data_parallel(model, dp_mesh, zero_stage: int, cpu_offload: bool = Fal
             options["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
         if compute_dtype is not None:
             options["mp_policy"] = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
-        for layer in model.model.layers.values():
+        for layer in layers:
             fully_shard(layer, **options)
         fully_shard(model, **options)
     for module in model.modules():

@@ -104,6 +104,19 @@ def parallelize(model, args, parallel_cfg, ctx, device, init_fn: Callable[[], di
     return parallel_model
 
 
+def parallelize_loaded(model, parallel_cfg, ctx, activation_checkpointing: str = "none", checkpoint_every: int = 2,
+                       compute_dtype: torch.dtype | None = None) -> ParallelModel:
+    """Data parallelism / ZeRO over a model that every rank has already loaded in full on its device (the same
+    weights everywhere: ``model.backend: hf``, which has no tensor or pipeline plan). Activation checkpointing,
+    then ``apply_data_parallel``; ZeRO-2/3 keep only this rank's shards of what was loaded."""
+    check_cpu_offload(parallel_cfg.cpu_offload, parallel_cfg.zero_stage, parallel_cfg.engine, ctx.dp, ctx.world_size)
+    apply_activation_checkpointing(model, activation_checkpointing, checkpoint_every)
+    if ctx.dp > 1:
+        mesh = ctx.fsdp_mesh if parallel_cfg.zero_stage >= 2 else ctx.dp_mesh
+        apply_data_parallel(model, mesh, parallel_cfg.zero_stage, parallel_cfg.cpu_offload, compute_dtype)
+    return ParallelModel([model], [0], ctx)
+
+
 def _plan_adapter(model):
     """How the tensor-parallel plan must change for what was added to the model (LoRA factors)."""
     if getattr(model, "lora_spec", None) is not None:

@@ -60,7 +60,11 @@ def model_class_for_hf(config: dict, source: str = "config.json") -> type:
 def build_model(args, device: str | torch.device = "meta", seed: int | None = None):
     """The model of ``args.architecture``, created on the meta device (no memory).
 
-    On any other ``device`` its storage is allocated there and ``init_weights(seed)`` fills it."""
+    On any other ``device`` its storage is allocated there and ``init_weights(seed)`` fills it. ``HFModelArgs``
+    (``model.backend: hf``) build the ``transformers`` model they describe."""
+    from collie.models.hf_backend import HFCausalLM, is_hf_backend
+    if is_hf_backend(args):
+        return HFCausalLM.build(args, device, seed)
     with torch.device("meta"):
         model = get_model_class(args.architecture)(args)
     if torch.device(device).type != "meta":

@@ -46,9 +46,12 @@ class PeftCausalLM(nn.Module):
 
 def to_transformers(model: nn.Module):
     """The ``transformers`` causal LM with ``model``'s architecture and weights (a Hugging Face directory round
-    trip through a temporary directory), in the model's dtype."""
+    trip through a temporary directory), in the model's dtype; for ``model.backend: hf`` the model it wraps."""
     import transformers
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    from collie.models.hf_backend import HFCausalLM
+    if isinstance(model, HFCausalLM):  # model.backend=hf: already one
+        return model.transformers_model
     if type(model).hf_model_type not in CONFIG_MAPPING:
         raise ConfigError(f"peft methods {', '.join(HF_PEFT_METHODS)} run on a transformers model, and transformers "
                           f"has no {type(model).hf_model_type!r} architecture; use peft.method=lora")

@@ -72,7 +72,9 @@ def _save_base(model, path, state_dict: dict | None) -> None:
 def validate_peft_config(cfg) -> None:
     """Config-load checks of the ``peft`` section against the rest of ``cfg`` (a ``CollieConfig``)."""
     method = cfg.peft.method
-    if method in ("lora", "ia3"):
+    if method in ("lora", "ia3") and cfg.model.backend == "hf" and not cfg.peft.target_modules:
+        raise ConfigError("peft.target_modules is empty; name linears of the model (their last name component)")
+    elif method in ("lora", "ia3") and cfg.model.backend != "hf":  # a transformers model: checked when built
         _check_target_modules(cfg.peft.target_modules)
     if method in HF_PEFT_METHODS:
         _check_hf_peft_layout(cfg)

@@ -65,6 +65,12 @@ def _find_targets(model: nn.Module, target_modules: tuple[str, ...]) -> list[str
     linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     available = sorted({name.rsplit(".", 1)[-1] for name in linears})
     unknown = [t for t in target_modules if t not in available]
+    others = {name.rsplit(".", 1)[-1]: type(m).__name__ for name, m in model.named_modules()
+              if name.rsplit(".", 1)[-1] in unknown}
+    if others:  # e.g. GPT-2's c_attn, a transformers Conv1D
+        name, kind = next(iter(others.items()))
+        raise ConfigError(f"peft.target_modules: {name} is a {kind}, not a torch.nn.Linear; collie's LoRA adapts "
+                          f"linears only: choose from {', '.join(available) or 'none (this model has no linears)'}")
     if unknown or not target_modules:
         raise ConfigError(f"peft.target_modules={list(target_modules)}: {unknown or 'empty'} matches no linear of "
                           f"this model; its linears are {', '.join(available)}")
