@@ -26,7 +26,7 @@ def count_loss_tokens(labels: torch.Tensor) -> torch.Tensor:
     return (shift_labels(labels) != IGNORE_INDEX).sum()
 
 
-def chunked_lm_loss_sum(head: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
+def chunked_lm_loss_sum(head, hidden: torch.Tensor, labels: torch.Tensor,
                         chunk: int) -> torch.Tensor:
     """``causal_lm_loss_sum(head(hidden), labels)`` computed ``chunk`` positions at a time; each chunk's logits
     are recomputed in backward, so at most (batch, chunk, vocab) logits exist instead of the whole sequence's

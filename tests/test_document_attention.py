@@ -18,10 +18,14 @@ def packed_positions(rows: list[list[int]]) -> torch.Tensor:
     return torch.stack([torch.cat([torch.arange(n) for n in lengths]) for lengths in rows])
 
 
-def model_and_batch(sliding_window=None, rows=((5, 9, 1, 17), (32,), (3, 3, 20, 6))):
+GEMMA2 = dict(architecture="gemma2", sandwich_norms=True, scale_embeddings=True, hidden_act="gelu_pytorch_tanh",
+              attn_logit_softcapping=0.3, final_logit_softcapping=0.5, query_pre_attn_scalar=10)
+
+
+def model_and_batch(sliding_window=None, rows=((5, 9, 1, 17), (32,), (3, 3, 20, 6)), **family):
+    family = family or {"architecture": "llama" if sliding_window is None else "mistral"}
     args = ModelArgs(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                     num_key_value_heads=2, sliding_window=sliding_window,
-                     architecture="llama" if sliding_window is None else "mistral")
+                     num_key_value_heads=2, sliding_window=sliding_window, **family)
     model = build_model(args, device="cpu", seed=0)
     positions = packed_positions([list(r) for r in rows])
     tokens = torch.randint(0, 97, positions.shape, generator=torch.Generator().manual_seed(1))
@@ -35,9 +39,10 @@ def forward_and_grads(model, tokens, **inputs):
     return logits.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
-@pytest.mark.parametrize("window", [None, 4])
-def test_document_ids_equal_the_dense_mask_forward_and_backward(window):
-    model, tokens, positions = model_and_batch(window)
+@pytest.mark.parametrize("window, family", [(None, {}), (4, {}), (4, GEMMA2)], ids=["causal", "window", "gemma2"])
+def test_document_ids_equal_the_dense_mask_forward_and_backward(window, family):
+    """Also with Gemma 2's soft-capped attention kernel, alternating sliding and full layers."""
+    model, tokens, positions = model_and_batch(window, **family)
     fast = forward_and_grads(model, tokens, position_ids=positions, document_ids=document_ids(positions))
     dense = forward_and_grads(model, tokens, position_ids=positions, attention_mask=document_causal_mask(positions))
     torch.testing.assert_close(fast[0], dense[0], rtol=0, atol=ATOL)

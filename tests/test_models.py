@@ -32,13 +32,26 @@ FAMILIES = {  # name: (transformers class, config class, extra config)
     # fused qkv_proj and gate_up_proj in the checkpoint
     "phi3-window": ("Phi3ForCausalLM", "Phi3Config", {"num_key_value_heads": 2, "sliding_window": 7,
                                                       "eos_token_id": 2, "pad_token_id": 0}),
+    # sandwich norms with 1 + weight gains, GeGLU, scaled embeddings, alternating sliding/full layers, its own
+    # attention scale; caps small enough to bend these logits and scores (transformers' eager attention applies
+    # the cap, its sdpa path ignores it)
+    "gemma2-softcap": ("Gemma2ForCausalLM", "Gemma2Config", {
+        "num_key_value_heads": 2, "head_dim": 24, "sliding_window": 7, "query_pre_attn_scalar": 20,
+        "attn_logit_softcapping": 0.3, "final_logit_softcapping": 0.5, "attn_implementation": "eager"}),
+    "gemma2-sdpa": ("Gemma2ForCausalLM", "Gemma2Config", {
+        "num_key_value_heads": 1, "sliding_window": 5, "query_pre_attn_scalar": 10,
+        "attn_logit_softcapping": None, "final_logit_softcapping": None, "tie_word_embeddings": False}),
 }
 
 
 def hf_model(family: str):
     model_name, config_name, extra = FAMILIES[family]
     torch.manual_seed(0)
+    extra = dict(extra)
+    implementation = extra.pop("attn_implementation", None)
     config = getattr(transformers, config_name)(**TINY, **extra)
+    if implementation:
+        config._attn_implementation = implementation
     model = getattr(transformers, model_name)(config).eval()
     with torch.no_grad():  # transformers initialises biases and norms to constants; make them matter
         for name, p in model.named_parameters():
@@ -104,7 +117,8 @@ def test_parameter_names_are_hugging_face_names(pair):
 def test_saved_directory_reloads_in_transformers(pair, tmp_path):
     hf, model = pair
     model.save_pretrained(tmp_path / "out")
-    reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "out", attn_implementation=hf.config._attn_implementation).eval()
     assert type(reloaded) is type(hf)
     for name, tensor in hf.state_dict().items():
         assert torch.equal(reloaded.state_dict()[name], tensor), name
@@ -239,6 +253,7 @@ def test_every_model_card_loads(path):
 
 def test_card_shapes_and_errors(tmp_path):
     assert load_card("llama2-7b").num_params() == 6_738_415_616
+    assert load_card("gemma2-2b").num_params() == 2_614_341_888  # the published count, sandwich norms included
     assert load_card("llama3.1-8b").rope_scaling["rope_type"] == "llama3"
     with pytest.raises(ConfigError, match="unknown model card 'llama3-8'.*did you mean"):
         load_card("llama3-8")

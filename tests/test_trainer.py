@@ -212,6 +212,18 @@ def test_chunked_loss_and_compiled_layers_train_like_the_plain_model(tmp_path):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
 
 
+def test_chunked_loss_applies_the_final_logit_softcap(tmp_path):
+    """Gemma 2 caps its logits after the LM head; the chunked loss, which runs the head itself, caps them too."""
+    gemma = ("train.max_steps=2", "optim.args={eps: 1e-5}", "model.arch={architecture: gemma2, sandwich_norms: true, "
+             "scale_embeddings: true, hidden_act: gelu_pytorch_tanh, final_logit_softcapping: 0.5}")
+    plain = Trainer(config(tmp_path / "a", *gemma))
+    plain.fit()
+    chunked = Trainer(config(tmp_path / "b", *gemma, "train.loss_chunk_size=7"))
+    chunked.fit()
+    for (name, a), b in zip(plain.model.state_dict().items(), chunked.model.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
 def test_compiled_layers_take_a_fused_optimizers_two_pass_backward(tmp_path):
     """LOMO with norm clipping backpropagates twice through one graph (retain_graph), which compiled backwards
     with donated buffers refuse; collie turns those off for fused optimizers under train.compile."""

@@ -20,6 +20,7 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, ParallelStyle, P
                                                RowwiseParallel, SequenceParallel, parallelize_module)
 
 from collie.loss import IGNORE_INDEX, causal_lm_loss_sum, shift_labels
+from collie.models.components import RMSNorm
 
 
 def apply_tensor_parallel(model, tp_mesh, sequence_parallel: bool = False, adapt_plan=None) -> None:
@@ -30,7 +31,8 @@ def apply_tensor_parallel(model, tp_mesh, sequence_parallel: bool = False, adapt
     adapt_plan = adapt_plan or (lambda plan: plan)
     frozen = {name for name, param in model.named_parameters() if not param.requires_grad}
     for layer in model.model.layers.values():
-        parallelize_module(layer, tp_mesh, adapt_plan(_decoder_layer_plan(sequence_parallel, _head_norms(layer))))
+        plan = _decoder_layer_plan(sequence_parallel, _layer_norms(layer), _head_norms(layer), _residual_norms(layer))
+        parallelize_module(layer, tp_mesh, adapt_plan(plan))
     parallelize_module(model, tp_mesh, adapt_plan(_outer_plan(model, sequence_parallel)))
     for name, param in model.named_parameters():
         if name in frozen:  # SequenceParallel re-creates parameters trainable (torch 2.13): keep them frozen
@@ -44,8 +46,11 @@ def apply_tensor_parallel(model, tp_mesh, sequence_parallel: bool = False, adapt
         model.register_forward_pre_hook(_fill_position_ids, with_kwargs=True)
 
 
-def _decoder_layer_plan(sequence_parallel: bool, head_norms: tuple[str, ...] = ()) -> dict:
-    """``head_norms``: the attention's per-head norms (QK-norm), which see the rank's heads of q and k."""
+def _decoder_layer_plan(sequence_parallel: bool, norms: tuple[str, ...] = ("input_layernorm", "post_attention_layernorm"),
+                        head_norms: tuple[str, ...] = (), residual_norms: tuple[str, ...] = ()) -> dict:
+    """``norms``: the layer's norms over the residual stream (two, or four with sandwich norms), which see the
+    residual's layout, ``residual_norms`` those of them whose output is added to the residual (sandwich norms);
+    ``head_norms``: the attention's per-head norms (QK-norm), which see the rank's heads."""
     residual = Shard(1) if sequence_parallel else Replicate()
     plan = {
         "self_attn.q_proj": ColwiseParallel(),
@@ -67,14 +72,25 @@ def _decoder_layer_plan(sequence_parallel: bool, head_norms: tuple[str, ...] = (
         "mlp": PrepareModuleInput(input_layouts=(residual,), desired_input_layouts=(Replicate(),),
                                   use_local_output=False),
     })
-    if sequence_parallel:  # norms run on sequence shards
-        plan.update({"input_layernorm": SequenceParallel(), "post_attention_layernorm": SequenceParallel()})
-    else:
-        plan.update({"input_layernorm": ReplicateParallel(), "post_attention_layernorm": ReplicateParallel()})
+    # norms run on sequence shards with sequence parallel (a sandwich norm's input, the o_proj/down_proj output,
+    # is in the residual's layout too)
+    plan.update({name: SequenceParallel() if sequence_parallel else ReplicateParallel() for name in norms})
+    if sequence_parallel:  # sandwich norms' outputs are added to the plain residual tensor: hand them back plain
+        plan.update({name: SequenceParallel(use_local_output=True) for name in residual_norms})
     # (batch, seq, heads, head_dim) with this rank's heads: normalized over head_dim, no communication; the weight
     # gradient is a Partial sum over the heads, all-reduced by _align_gradient_placements
     plan.update({f"self_attn.{name}": ReplicateParallel(input_placement=Shard(2)) for name in head_norms})
     return plan
+
+
+def _layer_norms(layer) -> tuple[str, ...]:
+    """Names of a decoder layer's own norms (its children that are RMSNorms: not the attention's QK-norms)."""
+    return tuple(name for name, child in layer.named_children() if isinstance(child, RMSNorm))
+
+
+def _residual_norms(layer) -> tuple[str, ...]:
+    """The norms whose output is added to the residual stream: a sandwich layer's post-block norms."""
+    return ("post_attention_layernorm", "post_feedforward_layernorm") if getattr(layer, "sandwich", False) else ()
 
 
 def _head_norms(layer) -> tuple[str, ...]:

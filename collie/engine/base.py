@@ -131,8 +131,10 @@ class Engine:
             hidden = self.forward(batch)
         finally:
             self.model.lm_head = head
+        logits = getattr(self.model, "logits", None)  # the head's output as logits (final soft-capping)
+        project = head if logits is None else lambda h: logits(head(h))
         with self.autocast():
-            return chunked_lm_loss_sum(head, hidden, batch["labels"], chunk)
+            return chunked_lm_loss_sum(project, hidden, batch["labels"], chunk)
 
     def generation_model(self):
         """What generation calls: ``(ids, position_ids=, attention_mask=[, cache=]) -> logits`` (the whole

@@ -31,35 +31,56 @@ class DocumentSegments:
         self.sliding_window = sliding_window
 
     @torch.compiler.disable  # Python loop over data-dependent lengths: a graph break, not a recompile per batch
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """Causal attention per document: q (batch, heads, seq, d), k/v (batch, kv_heads, seq, d)."""
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel=None) -> torch.Tensor:
+        """Causal attention per document: q (batch, heads, seq, d), k/v (batch, kv_heads, seq, d); ``kernel``
+        (q, k, v, mask) attends one document (default ``scaled_dot_product_attention``)."""
+        kernel = kernel or scaled_dot_product_attention
         rows = []
         for lengths, qr, kr, vr in zip(self.lengths, q.split(1), k.split(1), v.split(1)):
             pieces = zip(qr.split(lengths, 2), kr.split(lengths, 2), vr.split(lengths, 2))
-            rows.append(torch.cat([self._causal(*piece) for piece in pieces], 2))
+            rows.append(torch.cat([kernel(*piece, self._window_mask(piece[0])) for piece in pieces], 2))
         return torch.cat(rows)
 
-    def _causal(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    def _window_mask(self, q: torch.Tensor) -> torch.Tensor | None:
+        """None (causal) or, for a document longer than the window, its band of allowed keys."""
         length, window = q.shape[2], self.sliding_window
-        mask = None
-        if window is not None and length > window:
-            index = torch.arange(length, device=q.device)
-            mask = (index[None] <= index[:, None]) & (index[None] > index[:, None] - window)
-        return scaled_dot_product_attention(q, k, v, mask)
+        if window is None or length <= window:
+            return None
+        index = torch.arange(length, device=q.device)
+        return (index[None] <= index[:, None]) & (index[None] > index[:, None] - window)
 
 
 def scaled_dot_product_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                                 mask: torch.Tensor | None) -> torch.Tensor:
+                                 mask: torch.Tensor | None, scale: float | None = None) -> torch.Tensor:
     """Causal SDPA (``mask`` None) or SDPA with a boolean mask of allowed keys, with grouped key/value heads.
 
     Flash kernels (causal on every device, masked on CPU) read each key/value head for its query group; CUDA's
-    memory-efficient kernel, which takes the masks there, has no GQA mode, so only that path repeats heads."""
+    memory-efficient kernel, which takes the masks there, has no GQA mode, so only that path repeats heads.
+    ``scale``: of the scores, default head_dim^-0.5."""
     n_rep = q.shape[1] // k.shape[1]
     if mask is None:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=n_rep > 1)
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=n_rep > 1, scale=scale)
     if q.device.type == "cpu" or n_rep == 1:
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=n_rep > 1)
-    return F.scaled_dot_product_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), attn_mask=mask)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=n_rep > 1, scale=scale)
+    return F.scaled_dot_product_attention(q, repeat_kv(k, n_rep), repeat_kv(v, n_rep), attn_mask=mask, scale=scale)
+
+
+def softcapped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+                         scale: float, softcap: float) -> torch.Tensor:
+    """Attention whose scores are capped at ±softcap by softcap·tanh(s/softcap) before masking (Gemma 2), as
+    transformers computes it: no SDPA kernel takes a cap, so the scores are materialised. Query heads are
+    grouped per key/value head by a broadcasting matmul, without repeated keys/values. ``mask`` as in
+    ``scaled_dot_product_attention`` (None: causal, aligned to the last query and key)."""
+    batch, heads, q_len, dim = q.shape
+    kv_heads, k_len = k.shape[1], k.shape[2]
+    grouped = q.reshape(batch, kv_heads, heads // kv_heads, q_len, dim)
+    scores = grouped @ k[:, :, None].transpose(-2, -1) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    if mask is None:
+        mask = torch.ones(q_len, k_len, dtype=torch.bool, device=q.device).tril(k_len - q_len)
+    mask = mask if mask.dim() == 2 else mask[:, :, None]  # (batch|1, 1, 1, q, k) against the grouped heads
+    weights = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1, dtype=torch.float32).to(q.dtype)
+    return (weights @ v[:, :, None]).reshape(batch, heads, q_len, dim)
 
 
 def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:

@@ -6,12 +6,14 @@ read from tensor shapes in ``forward`` so that column-sharded projections work u
 """
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from collie.models.args import ModelArgs
-from collie.models.attention_kernels import DocumentSegments, scaled_dot_product_attention
+from collie.models.attention_kernels import DocumentSegments, scaled_dot_product_attention, softcapped_attention
 
 
 class RMSNorm(nn.Module):
@@ -180,6 +182,8 @@ class Attention(nn.Module):
         if args.qk_norm:  # each head's queries and keys, over head_dim
             self.q_norm = RMSNorm(head_dim, args.rms_norm_eps)
             self.k_norm = RMSNorm(head_dim, args.rms_norm_eps)
+        self.scale = args.query_pre_attn_scalar ** -0.5 if args.query_pre_attn_scalar else None
+        self.softcap = args.attn_logit_softcapping
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | DocumentSegments | None = None, cache: LayerKV | None = None) -> torch.Tensor:
@@ -189,11 +193,15 @@ class Attention(nn.Module):
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if cache is not None:
             k, v = cache.append(k, v)
-        if isinstance(mask, DocumentSegments):
-            out = mask.attend(q, k, v)
-        else:
-            out = scaled_dot_product_attention(q, k, v, mask)
+        out = mask.attend(q, k, v, self.kernel) if isinstance(mask, DocumentSegments) else self.kernel(q, k, v, mask)
         return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+
+    def kernel(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        """Attention of (batch, heads, q, d) queries over (batch, kv_heads, k, d) keys/values after rotary: SDPA,
+        or with ``attn_logit_softcapping`` the soft-capped scores (a kernel of its own)."""
+        if self.softcap is not None:
+            return softcapped_attention(q, k, v, mask, self.scale or self.head_dim ** -0.5, self.softcap)
+        return scaled_dot_product_attention(q, k, v, mask, self.scale)
 
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Queries, keys and values as (batch, seq, heads, head_dim), before rotary positions (RMS-normalized
@@ -205,8 +213,11 @@ class Attention(nn.Module):
         return q, k, v
 
 
+ACTIVATIONS = {"silu": F.silu, "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh")}
+
+
 class MLP(nn.Module):
-    """SwiGLU feed-forward: down(silu(gate(x)) · up(x))."""
+    """Gated feed-forward: down(act(gate(x)) · up(x)) — SwiGLU (silu) or GeGLU (``hidden_act``)."""
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -214,9 +225,10 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(hidden, inner, bias=args.mlp_bias)
         self.up_proj = nn.Linear(hidden, inner, bias=args.mlp_bias)
         self.down_proj = nn.Linear(inner, hidden, bias=args.mlp_bias)
+        self.act = ACTIVATIONS[args.hidden_act]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
 
 
 class DecoderLayer(nn.Module):
@@ -227,17 +239,26 @@ class DecoderLayer(nn.Module):
     (``sliding_window``: this layer's attention window, None = full causal; the model builds one mask per window)."""
     attention_class = Attention
     mlp_class = MLP
+    norm_class = RMSNorm  # also the model's final norm
 
     def __init__(self, args: ModelArgs, index: int = 0):
         super().__init__()
-        self.sliding_window = args.sliding_window
+        sliding = args.layer_types is None or args.layer_types[index] == "sliding_attention"
+        self.sliding_window = args.sliding_window if sliding else None
         self.self_attn = self.attention_class(args)
         self.mlp = self.mlp_class(args)
-        self.input_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        norm = partial(self.norm_class, args.hidden_size, args.rms_norm_eps)
+        self.input_layernorm, self.post_attention_layernorm = norm(), norm()
+        self.sandwich = args.sandwich_norms
+        if self.sandwich:  # post_attention_layernorm then normalises the attention's output
+            self.pre_feedforward_layernorm, self.post_feedforward_layernorm = norm(), norm()
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None = None, cache: LayerKV | None = None) -> torch.Tensor:
         # cache by keyword: sequence-parallel plans prepare self_attn's four positional inputs
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, cache=cache)
-        return x + self.mlp(self.post_attention_layernorm(x))
+        attention = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache=cache)
+        if not self.sandwich:
+            x = x + attention
+            return x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.post_attention_layernorm(attention)
+        return x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))

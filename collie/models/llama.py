@@ -19,7 +19,7 @@ from torch import nn
 from collie.errors import ConfigError
 from collie.models.args import ModelArgs
 from collie.models.attention_kernels import DocumentSegments
-from collie.models.components import (DecoderLayer, KVCache, RMSNorm, RotaryEmbedding, build_attention_mask,
+from collie.models.components import (DecoderLayer, KVCache, RotaryEmbedding, build_attention_mask,
                                       is_right_padded)
 from collie.models.hf_io import StackedRows
 from collie.models.registry import register_model
@@ -39,13 +39,16 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = nn.Embedding(args.vocab_size, args.hidden_size)
         self.layers = nn.ModuleDict({str(i): layer_class(args, i) for i in range(args.num_hidden_layers)})
-        self.norm = RMSNorm(args.hidden_size, args.rms_norm_eps)
+        self.norm = layer_class.norm_class(args.hidden_size, args.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(args)
+        self.embed_scale = args.hidden_size ** 0.5 if args.scale_embeddings else None
 
     def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None,
                 attention_mask: torch.Tensor | None = None, cache: KVCache | None = None,
                 document_ids: torch.Tensor | None = None) -> torch.Tensor:
         h = tokens if self.embed_tokens is None else self.embed_tokens(tokens)
+        if self.embed_tokens is not None and self.embed_scale is not None:  # rounded to the dtype, as Gemma does
+            h = h * torch.tensor(self.embed_scale, dtype=h.dtype)
         seq_len = h.shape[1] if position_ids is None else position_ids.shape[-1]  # h may be sequence-sharded
         past_len = 0 if cache is None else cache.length
         if position_ids is None:
@@ -89,7 +92,12 @@ class LlamaForCausalLM(nn.Module):
         packed rows (right padding only, no cache); attention then stays inside each document.
         """
         h = self.model(input_ids, position_ids, attention_mask, cache, document_ids)
-        return h if self.lm_head is None else self.lm_head(h)
+        return h if self.lm_head is None else self.logits(self.lm_head(h))
+
+    def logits(self, head_output: torch.Tensor) -> torch.Tensor:
+        """The LM head's output as logits: capped at ±c by c·tanh(x/c) with ``final_logit_softcapping``."""
+        cap = self.args.final_logit_softcapping
+        return head_output if cap is None else torch.tanh(head_output / cap) * cap
 
     def tie_weights(self) -> None:
         if self.args.tie_word_embeddings and self.lm_head is not None and self.model.embed_tokens is not None:
@@ -133,14 +141,16 @@ class LlamaForCausalLM(nn.Module):
         missing = [key for key in _HF_REQUIRED_KEYS if key not in config]
         if missing:
             raise ConfigError(f"{source} lacks {', '.join(missing)}")
-        if config.get("hidden_act", "silu") != "silu":
-            raise ConfigError(f"{source}: hidden_act={config['hidden_act']!r}; collie implements silu (SwiGLU)")
+        if config.get("hidden_act", "silu") not in ("silu", "gelu_pytorch_tanh"):
+            raise ConfigError(f"{source}: hidden_act={config['hidden_act']!r}; collie implements silu (SwiGLU) "
+                              f"and gelu_pytorch_tanh (GeGLU)")
         values = {key: config[key] for key in _HF_SHARED_KEYS if key in config}
         if isinstance(values.get("eos_token_id"), list):
             values["eos_token_id"] = values["eos_token_id"][0]
         rope = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
         values["rope_theta"] = rope.get("rope_theta", config.get("rope_theta", 10000.0))
         values["rope_scaling"] = rope or None
+        values["hidden_act"] = config.get("hidden_act", "silu")
         values.update(cls.hf_specific_args(config))
         return from_dict(ModelArgs, {**values, "architecture": cls.architecture}, source)
 
@@ -159,7 +169,7 @@ class LlamaForCausalLM(nn.Module):
                               f"{cls.hf_model_type}; use architecture qwen3 for QK-norm")
         config = {"architectures": [cls.hf_architecture], "model_type": cls.hf_model_type}
         config.update({key: getattr(args, key) for key in _HF_SHARED_KEYS})
-        config.update(num_key_value_heads=args.n_kv_heads, head_dim=args.head_dim_, hidden_act="silu",
+        config.update(num_key_value_heads=args.n_kv_heads, head_dim=args.head_dim_, hidden_act=args.hidden_act,
                       rope_theta=args.rope_theta, rope_scaling=args.rope_scaling, attention_dropout=0.0,
                       use_cache=True)
         config.update(cls.hf_specific_config(args))

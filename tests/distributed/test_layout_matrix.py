@@ -54,6 +54,11 @@ FEATURES = {
               "model.arch.head_dim=24"],
     "phi3": ["optim.name=adamw", "optim.args={eps: 1e-5}", "model.arch.architecture=phi3",
              "model.arch.sliding_window=16"],
+    # sandwich norms, GeGLU, scaled embeddings, soft-capped scores and logits, alternating sliding/full layers
+    "gemma2": ["optim.name=adamw", "optim.args={eps: 1e-5}", "model.arch.architecture=gemma2",
+               "model.arch.sandwich_norms=true", "model.arch.scale_embeddings=true",
+               "model.arch.hidden_act=gelu_pytorch_tanh", "model.arch.sliding_window=16",
+               "model.arch.attn_logit_softcapping=5.0", "model.arch.final_logit_softcapping=3.0"],
 }
 # name -> (ranks, data-parallel degree, layout overrides)
 LAYOUTS = {
@@ -90,6 +95,7 @@ MATRIX = [(name, "adamw") for name in LAYOUTS] + [
     ("dp2_zero2", "adalomo"), ("dp2_zero3", "adalomo"), ("tp2_sp", "adalomo"),
     ("tp2_sp", "packed"), ("pp2_1f1b", "packed"), ("dp2_zero3", "packed"), ("dp2x2_zero3", "adalomo"),
     ("tp2_sp", "qwen3"), ("pp2_1f1b", "qwen3"), ("tp2_sp", "phi3"),
+    ("tp2_sp", "gemma2"), ("pp2_1f1b", "gemma2"),
 ]
 # (saved in, resumed in): the mid-run checkpoint of the first continues in the second
 RESUMES = [("dp2_pp2_zero2", "tp2_sp"), ("tp2_sp", "single"), ("dp2x2_zero3", "dp2_zero2")]
