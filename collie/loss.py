@@ -42,3 +42,18 @@ def chunked_lm_loss_sum(head, hidden: torch.Tensor, labels: torch.Tensor,
 def _chunk_loss_sum(head, hidden, targets):
     return F.cross_entropy(head(hidden).flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
                            reduction="sum")
+
+
+def auxiliary_loss_sum(parts, labels: torch.Tensor) -> torch.Tensor | float:
+    """The auxiliary losses the modules of ``parts`` (this rank's model parts) recorded in their last training
+    forward (a module's ``auxiliary_loss`` scalar, e.g. an MoE model's router load-balancing and z-losses), taken
+    from them so that each counts once, times this micro-batch's loss-token count: divided by the step's token
+    count like the token losses, a step of one micro-batch gets transformers' ``mean token loss + coef ·
+    aux_loss``, and micro-batches and data-parallel ranks weigh their own auxiliary losses by their share of the
+    tokens. 0.0 when no module recorded one."""
+    total = 0.0
+    for module in (m for part in parts for m in part.modules()):
+        recorded = getattr(module, "auxiliary_loss", None)
+        if recorded is not None:
+            total, module.auxiliary_loss = total + recorded, None
+    return total * count_loss_tokens(labels) if torch.is_tensor(total) else total

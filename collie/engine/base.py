@@ -14,7 +14,7 @@ become updates (classic ``step()`` or LOMO/AdaLomo inside backward) is the ``upd
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -25,7 +25,8 @@ from collie.distributed import barrier, full_logits, gather_full_state_dict, voc
 from collie.distributed.data_parallel import set_gradient_sync
 from collie.engine import state as named_state
 from collie.engine.updates import StepResult
-from collie.loss import chunked_lm_loss_sum, count_loss_tokens
+from collie.loss import auxiliary_loss_sum, chunked_lm_loss_sum, count_loss_tokens
+from collie.models.moe import expert_load_metrics
 from collie.optim import refresh_hessian, sophia_refresh_due
 
 
@@ -37,6 +38,7 @@ class StepOutput:
     loss_tokens: int
     input_tokens: int
     result: StepResult
+    metrics: dict = field(default_factory=dict)  # the model's own figures (an MoE model's expert load)
 
 
 class Engine:
@@ -79,7 +81,8 @@ class Engine:
         loss = self.ctx.dp_sum(loss)  # each dp rank holds its share of the step's mean
         if on_gradients is not None:
             on_gradients()
-        return StepOutput(loss, int(loss_tokens), int(input_tokens), self.optimizer_step(loss))
+        metrics = expert_load_metrics(self.parts, self.ctx.dp_sum)
+        return StepOutput(loss, int(loss_tokens), int(input_tokens), self.optimizer_step(loss), metrics)
 
     def begin_step(self, num_micro_batches: int) -> None:
         self.update.begin(num_micro_batches)
@@ -88,7 +91,7 @@ class Engine:
         """Forward and backward of one micro-batch whose summed token loss is divided by ``denominator`` (the
         token count of the whole step, all micro-batches and dp ranks); returns that normalised loss."""
         set_gradient_sync(self.parts, last)  # reduce gradients once per step, not per micro-batch
-        loss = self.training_loss_sum(batch) / denominator
+        loss = (self.training_loss_sum(batch) + auxiliary_loss_sum(self.parts, batch["labels"])) / denominator
         self.update.backward(loss)
         return loss.detach()
 

@@ -292,7 +292,7 @@ class Trainer:
         self.state.tokens_seen += step.input_tokens
         return {"loss": float(step.loss), "grad_norm": step.result.grad_norm, "lr": self.scheduler.get_last_lr()[0],
                 "num_tokens": step.input_tokens, "loss_tokens": step.loss_tokens,
-                "skipped_steps": self.state.skipped_steps}
+                "skipped_steps": self.state.skipped_steps, **step.metrics}
 
     def forward(self, batch: dict) -> torch.Tensor:
         """Logits of a batch (vocab-sharded under tensor parallelism; not for pipeline parallelism)."""
