@@ -38,6 +38,12 @@ FAMILIES = {  # name: (transformers class, config class, extra config)
     "gemma2-softcap": ("Gemma2ForCausalLM", "Gemma2Config", {
         "num_key_value_heads": 2, "head_dim": 24, "sliding_window": 7, "query_pre_attn_scalar": 20,
         "attn_logit_softcapping": 0.3, "final_logit_softcapping": 0.5, "attn_implementation": "eager"}),
+    # QK-norm with 1 + weight gains; sliding layers with their own rotary base, full ones with a scaled rope
+    "gemma3-local-rope": ("Gemma3ForCausalLM", "Gemma3TextConfig", {
+        "num_key_value_heads": 2, "head_dim": 16, "sliding_window": 6, "query_pre_attn_scalar": 12,
+        "layer_types": ["sliding_attention", "full_attention"],
+        "rope_parameters": {"sliding_attention": {"rope_type": "default", "rope_theta": 100.0},
+                            "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1000.0}}}),
     "gemma2-sdpa": ("Gemma2ForCausalLM", "Gemma2Config", {
         "num_key_value_heads": 1, "sliding_window": 5, "query_pre_attn_scalar": 10,
         "attn_logit_softcapping": None, "final_logit_softcapping": None, "tie_word_embeddings": False}),

@@ -43,6 +43,9 @@ class ModelArgs:
     rope_theta: float = _f(10000.0, "base of the rotary embedding frequencies", min=1.0)
     rope_scaling: Optional[dict] = _f(None, "rotary scaling in Hugging Face format, e.g. {rope_type: llama3, "
                                             "factor: 8.0, ...}; types: " + ", ".join(ROPE_SCALING_KEYS))
+    rope_local_theta: Optional[float] = _f(None, "rotary base of the sliding-window layers, unscaled (Gemma 3: "
+                                                 "10000); null = rope_theta and rope_scaling for every layer",
+                                           min=1.0)
     qkv_bias: bool = _f(False, "bias in the query/key/value projections (Qwen2)")
     o_bias: bool = _f(False, "bias in the attention output projection")
     mlp_bias: bool = _f(False, "bias in the feed-forward projections")

@@ -169,7 +169,9 @@ class KVCache:
 
 
 class Attention(nn.Module):
-    """Multi-head attention with grouped key/value heads, rotary positions and ``scaled_dot_product_attention``."""
+    """Multi-head attention with grouped key/value heads, rotary positions and ``scaled_dot_product_attention``.
+    ``norm_class``: the QK-norm's norm."""
+    norm_class = RMSNorm
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -180,8 +182,8 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(hidden, args.n_kv_heads * head_dim, bias=args.qkv_bias)
         self.o_proj = nn.Linear(args.num_attention_heads * head_dim, hidden, bias=args.o_bias)
         if args.qk_norm:  # each head's queries and keys, over head_dim
-            self.q_norm = RMSNorm(head_dim, args.rms_norm_eps)
-            self.k_norm = RMSNorm(head_dim, args.rms_norm_eps)
+            self.q_norm = self.norm_class(head_dim, args.rms_norm_eps)
+            self.k_norm = self.norm_class(head_dim, args.rms_norm_eps)
         self.scale = args.query_pre_attn_scalar ** -0.5 if args.query_pre_attn_scalar else None
         self.softcap = args.attn_logit_softcapping
 

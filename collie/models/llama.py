@@ -10,6 +10,7 @@ hidden states. The loss is computed outside the model.
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 import zlib
 from functools import partial
 
@@ -41,6 +42,9 @@ class LlamaModel(nn.Module):
         self.layers = nn.ModuleDict({str(i): layer_class(args, i) for i in range(args.num_hidden_layers)})
         self.norm = layer_class.norm_class(args.hidden_size, args.rms_norm_eps)
         self.rotary_emb = RotaryEmbedding(args)
+        self.local_rotary_emb = None  # the sliding-window layers' own rotary base (Gemma 3)
+        if args.rope_local_theta is not None:
+            self.local_rotary_emb = RotaryEmbedding(replace(args, rope_theta=args.rope_local_theta, rope_scaling=None))
         self.embed_scale = args.hidden_size ** 0.5 if args.scale_embeddings else None
 
     def forward(self, tokens: torch.Tensor, position_ids: torch.Tensor | None = None,
@@ -53,7 +57,9 @@ class LlamaModel(nn.Module):
         past_len = 0 if cache is None else cache.length
         if position_ids is None:
             position_ids = torch.arange(past_len, past_len + seq_len, device=h.device)[None]
-        cos, sin = self.rotary_emb(position_ids, h.dtype, past_len)
+        ropes = {None: self.rotary_emb(position_ids, h.dtype, past_len)}  # layer's local rope or not → cos, sin
+        if self.local_rotary_emb is not None:
+            ropes["local"] = self.local_rotary_emb(position_ids, h.dtype, past_len)
         masks = {}  # one per attention window of this stage's layers
         for window in {layer.sliding_window for layer in self.layers.values()}:
             if document_ids is None:
@@ -61,7 +67,8 @@ class LlamaModel(nn.Module):
             else:
                 masks[window] = document_segments(document_ids, attention_mask, cache, window)
         for name, layer in self.layers.items():
-            h = layer(h, cos, sin, masks[layer.sliding_window], cache=None if cache is None else cache.layer(name))
+            local = "local" if self.local_rotary_emb is not None and layer.sliding_window is not None else None
+            h = layer(h, *ropes[local], masks[layer.sliding_window], cache=None if cache is None else cache.layer(name))
         return h if self.norm is None else self.norm(h)
 
 
