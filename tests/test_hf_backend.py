@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -19,6 +17,7 @@ from collie.config import CollieConfig
 from collie.errors import ConfigError
 from collie.models import list_models
 from collie.trainer import Trainer
+from collie_torchrun import torchrun_collie
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 QUICKSTART = os.path.join(ROOT, "configs", "quickstart.yaml")
@@ -125,15 +124,8 @@ def test_trains_evaluates_checkpoints_resumes_and_exports(family, model_dir, tmp
 # --- data parallel / ZeRO ------------------------------------------------------------------------------------
 
 def torchrun(args: list[str], out, ranks: int = 2) -> None:
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-               "-m", "collie", *args]
     log = str(out) + ".log"
-    with open(log, "w") as f:
-        try:
-            code = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, timeout=RUN_TIMEOUT_S,
-                                  env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode
-        except subprocess.TimeoutExpired:
-            code = "a hang: timed out"
+    code = torchrun_collie(args, ranks, log, RUN_TIMEOUT_S)
     assert code == 0, f"exited with {code}:\n{open(log).read()[-5000:]}"
 
 

@@ -26,6 +26,7 @@ import torch
 from safetensors.torch import load_file
 
 from collie.cli import main
+from collie_torchrun import torchrun_collie
 
 pytestmark = pytest.mark.distributed
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -84,6 +85,9 @@ LAYOUTS = {
     # HSDP: 2 replicas × 2 shards (ZeRO within a replica, gradients all-reduced across replicas)
     "dp2x2_zero2": (4, 4, ["parallel.dp=4", "parallel.dp_replicate=2", "parallel.zero_stage=2"]),
     "dp2x2_zero3": (4, 4, ["parallel.dp=4", "parallel.dp_replicate=2", "parallel.zero_stage=3"]),
+    # context parallel: each sequence split over 2 ranks (k/v all-gathered), alone and with dp2 ZeRO-3 (dp × cp)
+    "cp2": (2, 1, ["parallel.cp=2"]),
+    "cp2_dp2": (4, 2, ["parallel.dp=2", "parallel.cp=2", "parallel.zero_stage=3"]),
     "deepspeed_zero1": (2, 2, ["parallel.engine=deepspeed", "parallel.zero_stage=1"]),
     "deepspeed_zero2": (2, 2, ["parallel.engine=deepspeed", "parallel.zero_stage=2"]),
     "deepspeed_zero3": (2, 2, ["parallel.engine=deepspeed", "parallel.zero_stage=3"]),
@@ -102,6 +106,7 @@ MATRIX = [(name, "adamw") for name in LAYOUTS] + [
     ("tp2_sp", "gemma2"), ("pp2_1f1b", "gemma2"),
 ]
 MATRIX += [("dp2_zero3", "mixtral"), ("pp2_1f1b", "mixtral")]
+MATRIX += [("cp2", "packed"), ("cp2", "gemma2")]
 # (saved in, resumed in): the mid-run checkpoint of the first continues in the second
 RESUMES = [("dp2_pp2_zero2", "tp2_sp"), ("tp2_sp", "single"), ("dp2x2_zero3", "dp2_zero2")]
 
@@ -121,15 +126,8 @@ def collie_train(out, feature: str, layout: str, *extra) -> None:
     if ranks == 1:
         assert main(args) == 0
         return
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={ranks}",
-               "-m", "collie", *args]
-    log = os.path.join(str(out) + ".log")
-    with open(log, "w") as f:
-        try:
-            code = subprocess.run(command, stdout=f, stderr=subprocess.STDOUT, timeout=RUN_TIMEOUT_S,
-                                  env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode
-        except subprocess.TimeoutExpired:
-            code = "a hang: timed out"
+    log = str(out) + ".log"
+    code = torchrun_collie(args, ranks, log, RUN_TIMEOUT_S)
     assert code == 0, f"{layout}/{feature} exited with {code}:\n{open(log).read()[-5000:]}"
 
 
