@@ -52,13 +52,16 @@ class ModelConfig:
 
 @dataclass
 class ParallelConfig:
-    """How the job is spread over processes: data × tensor × pipeline parallel, and ZeRO."""
-    dp: int = _f(-1, "data-parallel degree; -1 = world size / (tp·pp)", min=-1)
+    """How the job is spread over processes: data × context × tensor × pipeline parallel, and ZeRO."""
+    dp: int = _f(-1, "data-parallel degree; -1 = world size / (tp·pp·cp)", min=-1)
     dp_replicate: int = _f(1, "HSDP: split the dp ranks into this many replicas of dp/dp_replicate ranks each; "
                               "ZeRO-2/3 shard within a replica (e.g. a node) and gradients are all-reduced across "
                               "replicas; 1 = shard over all of dp", min=1)
     tp: int = _f(1, "tensor-parallel degree", min=1)
     pp: int = _f(1, "pipeline-parallel degree (number of stages)", min=1)
+    cp: int = _f(1, "context-parallel degree: each sequence is split over cp ranks (load-balanced: 2·cp chunks, rank r "
+                    "holds chunk r and chunk 2·cp-1-r) and attention all-gathers keys/values over them; gradients are "
+                    "summed over dp × cp; composes with dp and ZeRO 0-3 (not yet with tp, pp or DeepSpeed)", min=1)
     zero_stage: int = _f(0, "ZeRO stage over the data-parallel group: 0 replicate, 1 shard optimizer state, "
                             "2 + gradients, 3 + parameters", min=0, max=3)
     cpu_offload: bool = _f(False, "offload optimizer state (and parameters at stage 3) to CPU memory")

@@ -20,18 +20,20 @@ def check_degrees(dp: int) -> None:
         raise ConfigError("parallel.dp=0 is invalid: use a positive degree or -1 to fill the world size")
 
 
-def resolve_dp(world: int, dp: int, tp: int, pp: int) -> int:
+def resolve_dp(world: int, dp: int, tp: int, pp: int, cp: int = 1) -> int:
     """``dp`` with -1 filled in from the world size; ConfigError when the degrees do not multiply to it."""
+    other = tp * pp * cp
+    names = f"parallel.tp={tp} × parallel.pp={pp}" + (f" × parallel.cp={cp}" if cp > 1 else "")
     if dp == -1:
-        if world % (tp * pp):
-            raise ConfigError(f"world size {world} is not divisible by parallel.tp={tp} × parallel.pp={pp} = "
-                              f"{tp * pp}; launch with --nproc_per_node a multiple of {tp * pp} or change "
-                              f"parallel.tp/parallel.pp")
-        dp = world // (tp * pp)
-    if dp * tp * pp != world:
-        hint = f"set parallel.dp={world // (tp * pp)} or " if world % (tp * pp) == 0 else ""
-        raise ConfigError(f"world size {world} ≠ parallel.dp={dp} × parallel.tp={tp} × parallel.pp={pp} = "
-                          f"{dp * tp * pp}; {hint}launch with --nproc_per_node {dp * tp * pp}")
+        if world % other:
+            raise ConfigError(f"world size {world} is not divisible by {names} = {other}; launch with "
+                              f"--nproc_per_node a multiple of {other} or change "
+                              f"parallel.tp/parallel.pp" + ("/parallel.cp" if cp > 1 else ""))
+        dp = world // other
+    if dp * other != world:
+        hint = f"set parallel.dp={world // other} or " if world % other == 0 else ""
+        raise ConfigError(f"world size {world} ≠ parallel.dp={dp} × {names} = {dp * other}; {hint}launch with "
+                          f"--nproc_per_node {dp * other}")
     return dp
 
 
@@ -142,6 +144,32 @@ def check_dp_replicate(dp_replicate: int, dp: int, zero_stage: int, engine: str 
                           f"dp/dp_replicate shards, at least 2; choose parallel.dp_replicate {choose}")
 
 
+# --- context parallel --------------------------------------------------------------------------------------
+
+def check_context_parallel(cp: int, tp: int = 1, pp: int = 1, engine: str = "native", peft: str = "none",
+                           backend: str = "collie", loss_chunk_size: int = 0) -> None:
+    """Context parallelism splits each sequence over ``cp`` ranks and all-gathers keys/values in every attention
+    layer of collie's own models. This slice runs it with data parallelism and ZeRO 0-3 (native engine)."""
+    if cp == 1:
+        return
+    what = f"parallel.cp={cp}"
+    if tp > 1 or pp > 1:
+        key = "parallel.tp" if tp > 1 else "parallel.pp"
+        raise ConfigError(f"{what} does not yet compose with {key}={tp if tp > 1 else pp}: context parallelism "
+                          f"runs with data parallelism and ZeRO 0-3 (parallel.dp, parallel.zero_stage); set "
+                          f"parallel.tp=1 and parallel.pp=1, or parallel.cp=1")
+    if engine != "native":
+        raise ConfigError(f"{what} needs parallel.engine=native: DeepSpeed reduces gradients over its own "
+                          f"data-parallel group, which does not include the cp ranks")
+    if backend != "collie" or peft not in COLLIE_MODEL_PEFT:
+        why = f"model.backend={backend}" if backend != "collie" else f"peft.method={peft}"
+        raise ConfigError(f"{what} replaces the attention of collie's own models; {why} runs a transformers "
+                          f"model: use model.backend=collie with peft.method none or lora, or parallel.cp=1")
+    if loss_chunk_size:
+        raise ConfigError(f"train.loss_chunk_size runs in one process; under {what} each rank's logits are "
+                          f"already 1/cp of the sequence's: set train.loss_chunk_size=0")
+
+
 # --- model backends ----------------------------------------------------------------------------------------
 
 def check_hf_backend(tp: int, pp: int, engine: str) -> None:
@@ -200,13 +228,13 @@ def check_deepspeed(engine: str, tp: int, pp: int, optimizer: str, clip_grad_val
 
 # --- entry points ------------------------------------------------------------------------------------------
 
-def check_layout(*, dp: int = -1, tp: int = 1, pp: int = 1, zero_stage: int = 0, engine: str = "native",
+def check_layout(*, dp: int = -1, tp: int = 1, pp: int = 1, cp: int = 1, zero_stage: int = 0, engine: str = "native",
                  dp_replicate: int = 1,
                  optimizer: str = "adamw", fused: bool = False, micro_batch_size: int = 1,
                  eval_batch_size: int | None = None, pp_microbatches: int | None = None,
                  pp_schedule: str = "1f1b", pp_boundaries=None, seq_len: int = 2048, sequence_parallel: bool = False,
                  cpu_offload: bool = False, peft: str = "none", loss_chunk_size: int = 0,
-                 clip_grad_value: float = 0.0) -> None:
+                 clip_grad_value: float = 0.0, backend: str = "collie") -> None:
     """Every rule above that needs neither the model nor the environment. ``dp=-1``: resolved at launch
     (the rules that need it run then); ``fused``: the optimizer updates inside backward; ``eval_batch_size``:
     None when nothing is evaluated."""
@@ -220,9 +248,10 @@ def check_layout(*, dp: int = -1, tp: int = 1, pp: int = 1, zero_stage: int = 0,
             check_pipeline_batch(eval_batch_size, n, "eval.batch_size")
         check_microbatches(n, pp, pp_schedule)
     check_deepspeed(engine, tp, pp, optimizer, clip_grad_value, peft)
+    check_context_parallel(cp, tp, pp, engine, peft, backend, loss_chunk_size)
     check_loss_chunk(loss_chunk_size, dp, tp, pp, peft)
     check_sequence_parallel(sequence_parallel, tp, pp, seq_len)
-    check_cpu_offload(cpu_offload, zero_stage, engine, dp, dp * tp * pp if dp > 0 else None)
+    check_cpu_offload(cpu_offload, zero_stage, engine, dp * cp, dp * tp * pp * cp if dp > 0 else None)
     if fused:
         check_fused_optimizer(optimizer, pp, zero_stage, engine)
     check_sophia(optimizer, pp)
@@ -232,7 +261,7 @@ def check_config(cfg) -> None:
     """``check_layout`` over a ``CollieConfig`` (at load)."""
     from collie.optim import is_fused_optimizer, list_optimizers
     p, name = cfg.parallel, cfg.optim.name
-    check_layout(dp=p.dp, tp=p.tp, pp=p.pp, zero_stage=p.zero_stage, engine=p.engine, dp_replicate=p.dp_replicate,
+    check_layout(dp=p.dp, tp=p.tp, pp=p.pp, cp=p.cp, zero_stage=p.zero_stage, engine=p.engine, dp_replicate=p.dp_replicate,
                  optimizer=name,
                  fused=name in list_optimizers() and is_fused_optimizer(name),  # unknown names: _check_optim
                  micro_batch_size=cfg.train.micro_batch_size,
@@ -240,4 +269,4 @@ def check_config(cfg) -> None:
                  pp_microbatches=p.pp_microbatches, pp_schedule=p.pp_schedule, pp_boundaries=p.pp_boundaries,
                  seq_len=cfg.data.seq_len, sequence_parallel=p.sequence_parallel, cpu_offload=p.cpu_offload,
                  peft=cfg.peft.method, loss_chunk_size=cfg.train.loss_chunk_size,
-                 clip_grad_value=cfg.optim.clip_grad_value)
+                 clip_grad_value=cfg.optim.clip_grad_value, backend=cfg.model.backend)

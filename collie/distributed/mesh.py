@@ -1,4 +1,4 @@
-"""The process layout of a job: torchrun environment → process group → a (pp, dp_replicate, dp_shard, tp)
+"""The process layout of a job: torchrun environment → process group → a (pp, dp_replicate, dp_shard, cp, tp)
 DeviceMesh, with (dp_replicate, dp_shard) flattened into "dp": the whole data-parallel group.
 
     ctx = init_parallel(cfg.parallel, "cuda")   # or "cpu" (gloo)
@@ -10,7 +10,12 @@ DeviceMesh, with (dp_replicate, dp_shard) flattened into "dp": the whole data-pa
 parallelism is ``dp = dp_replicate × dp_shard`` (``parallel.dp_replicate``, default 1): everything that needs the
 whole data-parallel group (data sharding, loss and token sums, ZeRO-0/1) uses "dp"; ZeRO-2/3 shard over
 "dp_shard" and, with ``dp_replicate > 1`` (HSDP), all-reduce across "dp_replicate" (``fsdp_mesh``). Ranks of a
-shard group are neighbours (after tp), so a shard group of at most a node's GPUs stays inside the node. A single
+shard group are neighbours (after tp), so a shard group of at most a node's GPUs stays inside the node.
+
+Context parallelism (``parallel.cp``) splits each sequence over the "cp" ranks of a data-parallel replica: they
+read the same batches (data sharding uses "dp" only) but hold different tokens, so gradients are summed over
+dp × cp: ZeRO-0/1 replicate over "dp_cp" (dp_replicate, dp_shard, cp flattened) and ZeRO-2/3 shard over it (or
+over "dp_shard_cp" within each HSDP replica), as torchtitan folds cp into its data-parallel mesh. A single
 process started without torchrun gets a world of one: no process group, no mesh, every degree 1.
 """
 from __future__ import annotations
@@ -26,8 +31,10 @@ from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 from collie import layout_rules
 from collie.errors import ConfigError
 
-MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "tp")
+MESH_DIMS = ("pp", "dp_replicate", "dp_shard", "cp", "tp")
 FLAT_DP = ("dp_replicate", "dp_shard")  # flattened into "dp"
+FLAT_DP_CP = ("dp_replicate", "dp_shard", "cp")  # flattened into "dp_cp" (with cp > 1): gradients are summed over it
+FLAT_SHARD_CP = ("dp_shard", "cp")  # flattened into "dp_shard_cp" (with cp > 1): what ZeRO-2/3 shard over under HSDP
 
 
 @dataclass
@@ -44,6 +51,7 @@ class ParallelContext:
     mesh: DeviceMesh | None  # None in a one-process run
     owns_process_group: bool = False
     dp_replicate: int = 1  # HSDP replicas; dp_shard = dp / dp_replicate ranks shard the state within each
+    cp: int = 1  # context parallel: ranks of one replica that split each sequence
 
     # --- coordinates ---------------------------------------------------------------------------------------
     def _local_rank(self, dim: str) -> int:
@@ -60,6 +68,10 @@ class ParallelContext:
     @property
     def pp_rank(self) -> int:
         return self._local_rank("pp")
+
+    @property
+    def cp_rank(self) -> int:
+        return self._local_rank("cp")
 
     @property
     def dp_size(self) -> int:
@@ -87,12 +99,31 @@ class ParallelContext:
         return None if self.mesh is None else self.mesh["dp"]
 
     @property
-    def fsdp_mesh(self) -> DeviceMesh | None:
-        """The mesh ZeRO-2/3 shard over: "dp" (1-D, FSDP), or (dp_replicate, dp_shard) with dp_replicate > 1
-        (2-D: FSDP2's HSDP, sharded within a replica and all-reduced across replicas)."""
+    def gradient_ranks(self) -> int:
+        """Ranks that hold the same parameters and sum their gradients: dp × cp."""
+        return self.dp * self.cp
+
+    @property
+    def replicate_mesh(self) -> DeviceMesh | None:
+        """The mesh ZeRO-0/1 replicate over (gradient all-reduce): "dp", or "dp_cp" under context parallelism."""
         if self.mesh is None:
             return None
-        return self.mesh[FLAT_DP] if self.dp_replicate > 1 else self.mesh["dp"]
+        return self.mesh["dp_cp"] if self.cp > 1 else self.mesh["dp"]
+
+    @property
+    def fsdp_mesh(self) -> DeviceMesh | None:
+        """The mesh ZeRO-2/3 shard over: "dp" (1-D, FSDP), or (dp_replicate, dp_shard) with dp_replicate > 1
+        (2-D: FSDP2's HSDP, sharded within a replica and all-reduced across replicas); with cp > 1 the cp ranks
+        join the shard group ("dp_cp", or (dp_replicate, dp_shard_cp))."""
+        if self.mesh is None:
+            return None
+        if self.dp_replicate > 1:
+            return self.mesh[("dp_replicate", "dp_shard_cp")] if self.cp > 1 else self.mesh[FLAT_DP]
+        return self.replicate_mesh
+
+    @property
+    def cp_mesh(self) -> DeviceMesh | None:
+        return None if self.mesh is None else self.mesh["cp"]
 
     @property
     def tp_mesh(self) -> DeviceMesh | None:
@@ -111,6 +142,11 @@ class ParallelContext:
         return None if self.mesh is None else self.mesh["pp"].get_group()
 
     @property
+    def gradient_group(self):
+        """The group of ``replicate_mesh``: dp, or dp × cp (ZeRO-1 shards optimizer state over it)."""
+        return None if self.mesh is None else self.replicate_mesh.get_group()
+
+    @property
     def loss_scale_for_dp(self) -> float:
         """Factor to multiply each rank's loss by before backward: 1.0, because every data-parallel mechanism
         collie sets up SUMS gradients over dp (FSDP2/replicate with divide factor 1, sum-only collectives).
@@ -119,10 +155,19 @@ class ParallelContext:
         return 1.0
 
     def dp_sum(self, value: torch.Tensor) -> torch.Tensor:
-        """Sum of ``value`` over the data-parallel group (a new tensor; the input is left as is)."""
+        """Sum of ``value`` over the data-parallel group (a new tensor; the input is left as is). The cp ranks of a
+        replica hold the same batch: sum counts of whole batches with this."""
         value = value.detach().clone()
         if self.dp > 1:
             dist.all_reduce(value, group=self.dp_group)
+        return value
+
+    def cp_sum(self, value: torch.Tensor) -> torch.Tensor:
+        """Sum of ``value`` over the context-parallel ranks of this replica (each holds a share of every
+        sequence's tokens); a new tensor."""
+        value = value.detach().clone()
+        if self.cp > 1:
+            dist.all_reduce(value, group=self.cp_mesh.get_group())
         return value
 
     # --- checks --------------------------------------------------------------------------------------------
@@ -150,8 +195,10 @@ def init_parallel(parallel_cfg, device_type: str = "cpu") -> ParallelContext:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     dp, tp, pp = resolve_degrees(parallel_cfg, world)
+    cp = parallel_cfg.cp
     replicas = parallel_cfg.dp_replicate
     layout_rules.check_dp_replicate(replicas, dp, parallel_cfg.zero_stage, parallel_cfg.engine)
+    layout_rules.check_context_parallel(cp, tp, pp, parallel_cfg.engine)
     if device_type == "cuda":
         torch.cuda.set_device(local_rank)
         device = torch.device("cuda", local_rank)
@@ -165,17 +212,22 @@ def init_parallel(parallel_cfg, device_type: str = "cpu") -> ParallelContext:
         timeout = datetime.timedelta(seconds=parallel_cfg.timeout_s)
         dist.init_process_group(backend, rank=rank, world_size=world, timeout=timeout,
                                 store=_restart_store(world, timeout))
-    mesh = init_device_mesh(device.type, (pp, replicas, dp // replicas, tp), mesh_dim_names=MESH_DIMS)
+    mesh = init_device_mesh(device.type, (pp, replicas, dp // replicas, cp, tp), mesh_dim_names=MESH_DIMS)
     mesh[FLAT_DP]._flatten("dp")  # now mesh["dp"]: the whole data-parallel group
-    _bound_mesh_groups(mesh, datetime.timedelta(seconds=parallel_cfg.timeout_s))
-    return ParallelContext(parallel_cfg, rank, world, local_rank, dp, tp, pp, device, mesh, owns, replicas)
+    flat = ["dp"]
+    if cp > 1:  # the ranks that sum gradients: dp × cp
+        mesh[FLAT_DP_CP]._flatten("dp_cp")
+        mesh[FLAT_SHARD_CP]._flatten("dp_shard_cp")
+        flat += ["dp_cp", "dp_shard_cp"]
+    _bound_mesh_groups(mesh, datetime.timedelta(seconds=parallel_cfg.timeout_s), flat)
+    return ParallelContext(parallel_cfg, rank, world, local_rank, dp, tp, pp, device, mesh, owns, replicas, cp)
 
 
-def _bound_mesh_groups(mesh: DeviceMesh, timeout: datetime.timedelta) -> None:
+def _bound_mesh_groups(mesh: DeviceMesh, timeout: datetime.timedelta, flattened=("dp",)) -> None:
     """Give the mesh's sub-groups the job's timeout: they are created with the backend's default (30 minutes
     on gloo), not the one given to ``init_process_group``."""
     from torch.distributed.distributed_c10d import _set_pg_timeout  # the public API sets only the default group
-    for dim in (*MESH_DIMS, "dp"):
+    for dim in (*MESH_DIMS, *flattened):
         _set_pg_timeout(timeout, mesh[dim].get_group())
 
 
@@ -190,9 +242,9 @@ def _restart_store(world: int, timeout: datetime.timedelta):
 
 
 def resolve_degrees(parallel_cfg, world: int) -> tuple[int, int, int]:
-    """(dp, tp, pp) with ``dp=-1`` filled in; ConfigError when they do not multiply to the world size."""
+    """(dp, tp, pp) with ``dp=-1`` filled in; ConfigError when they do not multiply (with cp) to the world size."""
     tp, pp = parallel_cfg.tp, parallel_cfg.pp
-    return layout_rules.resolve_dp(world, parallel_cfg.dp, tp, pp), tp, pp
+    return layout_rules.resolve_dp(world, parallel_cfg.dp, tp, pp, parallel_cfg.cp), tp, pp
 
 
 def _divisors(n: int) -> str:
@@ -217,7 +269,7 @@ def validate_model_for_layout(args, parallel_cfg, tp: int | None = None, pp: int
         if value % tp:
             raise ConfigError(f"parallel.tp={tp} does not divide {name}={value}; choose {_divisors(value)}")
     if getattr(args, "num_experts", None):
-        _check_moe_layout(args, tp, pp)
+        _check_moe_layout(args, tp, pp, parallel_cfg.cp)
     if pp == 1:
         return
     stages = virtual_stages(parallel_cfg)
@@ -243,12 +295,16 @@ def validate_model_for_layout(args, parallel_cfg, tp: int | None = None, pp: int
                               f"1..{layers - 1} so that every stage gets at least one layer")
 
 
-def _check_moe_layout(args, tp: int, pp: int) -> None:
+def _check_moe_layout(args, tp: int, pp: int, cp: int = 1) -> None:
     """Mixture-of-experts models: experts are not tensor-parallel, and the router losses couple every layer of a
     forward (transformers' load-balancing loss), which pipeline stages split."""
     if tp > 1:
         raise ConfigError(f"parallel.tp={tp}: the experts of architecture {args.architecture} are not tensor "
                           f"parallel; use parallel.tp=1 with data parallelism (ZeRO) or pipeline stages")
+    if cp > 1 and (args.router_aux_loss_coef or args.router_z_loss_coef):
+        raise ConfigError(f"parallel.cp={cp}: the router losses of architecture {args.architecture} are statistics "
+                          f"over a forward's tokens, which context parallelism splits; set "
+                          f"model.arch.router_aux_loss_coef=0 and model.arch.router_z_loss_coef=0, or parallel.cp=1")
     if pp > 1 and (args.router_aux_loss_coef or args.router_z_loss_coef):
         raise ConfigError(f"parallel.pp={pp}: the router losses of architecture {args.architecture} span all "
                           f"layers, which pipeline stages split; set model.arch.router_aux_loss_coef=0 and "

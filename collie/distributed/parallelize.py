@@ -1,6 +1,6 @@
 """The one place where a plain model becomes a distributed one, in order:
 
-    pipeline stages → tensor parallel → activation checkpointing → data parallel / ZeRO → weights
+    pipeline stages → tensor parallel → context parallel → activation checkpointing → data parallel / ZeRO → weights
 
     ctx = init_parallel(cfg.parallel, device.type)
     model = build_model(args, device="meta")                     # no memory
@@ -19,6 +19,7 @@ from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor
 
 from collie.distributed.activation_checkpointing import apply_activation_checkpointing
+from collie.distributed.context_parallel import ContextParallel
 from collie.distributed.data_parallel import apply_data_parallel, shard_optimizer_state
 from collie.distributed.pipeline import PipelineRunner, build_stage_models
 from collie.distributed.tensor_parallel import apply_tensor_parallel, vocab_parallel_loss_sum
@@ -34,6 +35,7 @@ class ParallelModel:
     ctx: object
     runner: PipelineRunner | None = None
     optimizer_owners: list = field(default_factory=list)
+    context_parallel: ContextParallel | None = None  # with parallel.cp > 1: splits the engine's loss forwards
 
     def __call__(self, input_ids, **inputs):
         """Forward without pipeline parallelism (pp=1); with pp use ``runner.step`` / ``runner.eval_forward``.
@@ -68,8 +70,8 @@ class ParallelModel:
 
     def prepare_optimizer(self, optimizer) -> None:
         """Call once after building the optimizer on ``parameters()``: shards its state for ZeRO-1."""
-        if self.ctx.cfg.zero_stage == 1 and self.ctx.dp > 1:
-            self.optimizer_owners = shard_optimizer_state(optimizer, self.parameters(), self.ctx.dp_group)
+        if self.ctx.cfg.zero_stage == 1 and self.ctx.gradient_ranks > 1:
+            self.optimizer_owners = shard_optimizer_state(optimizer, self.parameters(), self.ctx.gradient_group)
 
 
 def parallelize(model, args, parallel_cfg, ctx, device, init_fn: Callable[[], dict] | None = None,
@@ -86,17 +88,21 @@ def parallelize(model, args, parallel_cfg, ctx, device, init_fn: Callable[[], di
         parts, stage_ids = build_stage_models(model, parallel_cfg, ctx.pp_rank)
     else:
         parts, stage_ids = [model], [0]
-    check_cpu_offload(parallel_cfg.cpu_offload, parallel_cfg.zero_stage, parallel_cfg.engine, ctx.dp, ctx.world_size)
+    check_cpu_offload(parallel_cfg.cpu_offload, parallel_cfg.zero_stage, parallel_cfg.engine, ctx.gradient_ranks,
+                      ctx.world_size)
+    context_parallel = ContextParallel(ctx.cp_mesh) if ctx.cp > 1 else None
     for part in parts:
         if ctx.tp > 1:
             apply_tensor_parallel(part, ctx.tp_mesh, parallel_cfg.sequence_parallel, _plan_adapter(part))
+        if context_parallel is not None:
+            context_parallel.apply(part)
         apply_activation_checkpointing(part, activation_checkpointing, checkpoint_every)
-        if ctx.dp > 1:
-            mesh = ctx.fsdp_mesh if parallel_cfg.zero_stage >= 2 else ctx.dp_mesh
+        if ctx.gradient_ranks > 1:  # dp × cp ranks sum their gradients
+            mesh = ctx.fsdp_mesh if parallel_cfg.zero_stage >= 2 else ctx.replicate_mesh
             apply_data_parallel(part, mesh, parallel_cfg.zero_stage, parallel_cfg.cpu_offload, compute_dtype)
     for part in parts:
         part.to_empty(device=device)
-    parallel_model = ParallelModel(parts, stage_ids, ctx)
+    parallel_model = ParallelModel(parts, stage_ids, ctx, context_parallel=context_parallel)
     if init_fn is not None:
         load_full_state_dict(parallel_model, init_fn() if ctx.rank == 0 else {}, broadcast_from_rank0=True)
     if ctx.pp > 1:

@@ -22,6 +22,7 @@ import torch
 from collie.builders import compute_dtype
 from collie.data.pretrain import document_ids
 from collie.distributed import barrier, full_logits, gather_full_state_dict, vocab_parallel_loss_sum
+from collie.distributed.context_parallel import token_loss_sum
 from collie.distributed.data_parallel import set_gradient_sync
 from collie.engine import state as named_state
 from collie.engine.updates import StepResult
@@ -45,10 +46,11 @@ class Engine:
     """One process, or tp/dp/ZeRO without pipeline stages. ``parts``: the modules this rank holds (the model,
     or its pipeline stages); ``update``: a ``ClassicUpdate`` or ``FusedUpdate`` over ``optimizer``."""
 
-    def __init__(self, cfg, ctx, model, parts: list, optimizer, update):
+    def __init__(self, cfg, ctx, model, parts: list, optimizer, update, context_parallel=None):
         self.cfg, self.ctx, self.model, self.parts = cfg, ctx, model, list(parts)
         self.optimizer, self.update = optimizer, update
         self.compute_dtype = compute_dtype(cfg)
+        self.context_parallel = context_parallel  # parallel.cp > 1: loss forwards run on this rank's tokens
 
     # --- what this rank holds --------------------------------------------------------------------------------
     def parameters(self) -> list:
@@ -78,7 +80,7 @@ class Engine:
         self.begin_step(len(micro_batches))
         loss = sum(self.forward_backward(mb, denominator, last=i == len(micro_batches) - 1)
                    for i, mb in enumerate(micro_batches))
-        loss = self.ctx.dp_sum(loss)  # each dp rank holds its share of the step's mean
+        loss = self.ctx.dp_sum(self.ctx.cp_sum(loss))  # each dp (and cp) rank holds its share of the step's mean
         if on_gradients is not None:
             on_gradients()
         metrics = expert_load_metrics(self.parts, self.ctx.dp_sum)
@@ -120,12 +122,24 @@ class Engine:
 
     def loss_sum(self, batch: dict) -> torch.Tensor:
         """Summed token loss of a batch, without backward (evaluation); the vocab-parallel loss never gathers
-        full-vocabulary logits."""
+        full-vocabulary logits. Under context parallelism the cp ranks split the batch and sum their shares."""
+        if self.context_parallel is not None:
+            return self.ctx.cp_sum(self.sequence_shard_loss_sum(batch))
         return vocab_parallel_loss_sum(self.forward(batch), batch["labels"])
+
+    def sequence_shard_loss_sum(self, batch: dict) -> torch.Tensor:
+        """Context parallelism: the summed loss of this cp rank's share of the batch's tokens (its chunks of every
+        sequence); attention sees the whole sequence through the k/v all-gather of ``ContextParallel``."""
+        shard = self.context_parallel.shard(batch, self.cfg.data.document_masking)
+        with self.context_parallel.attending(shard), self.autocast():
+            logits = self.model(shard.input_ids, position_ids=shard.position_ids)
+        return token_loss_sum(logits, shard.targets)
 
     def training_loss_sum(self, batch: dict) -> torch.Tensor:
         """Summed token loss to backpropagate: the vocab-parallel loss, or with ``train.loss_chunk_size`` the LM
         head and loss chunk by chunk (the model runs without its head, which then takes the hidden states)."""
+        if self.context_parallel is not None:
+            return self.sequence_shard_loss_sum(batch)
         chunk = self.cfg.train.loss_chunk_size
         if not chunk:
             return self.loss_sum(batch)

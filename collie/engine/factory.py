@@ -28,4 +28,4 @@ def build_engine(cfg, ctx, model_args, model=None) -> Engine:
     if not isinstance(model, ParallelModel):
         return Engine(cfg, ctx, model, [model], optimizer, update)
     engine_class = PipelineEngine if model.runner is not None else Engine
-    return engine_class(cfg, ctx, model, model.parts, optimizer, update)
+    return engine_class(cfg, ctx, model, model.parts, optimizer, update, context_parallel=model.context_parallel)

@@ -70,13 +70,13 @@ class ClassicUpdate:
 
 class FusedUpdate:
     """LOMO / AdaLomo: ``optimizer.backward`` updates each parameter as its gradient arrives (see
-    ``collie.optim.fused``); FSDP2 and replicate have already reduced the gradient over dp."""
+    ``collie.optim.fused``); FSDP2 and replicate have already reduced the gradient over dp (× cp)."""
 
     def __init__(self, optimizer, cfg, ctx, fp16: bool):
         self.optimizer = optimizer
         # one backward per step unless the global norm is needed first (LOMO's norm clipping, fp16); the
         # two-pass all-or-nothing guard only with optim.args.guard_nonfinite=true, which the factory received
-        optimizer.setup_training(dp_group=ctx.dp_group, grad_reduce="none",
+        optimizer.setup_training(dp_group=ctx.gradient_group, grad_reduce="none",
                                  loss_scaler=DynamicLossScaler() if fp16 else None)
 
     def begin(self, num_micro_batches: int) -> None:

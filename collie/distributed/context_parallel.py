@@ -1,0 +1,125 @@
+"""Context parallelism: the sequence of every micro-batch is split over the ``cp`` ranks of a data-parallel
+replica, and each attention layer all-gathers keys and values over them.
+
+Load balance: the (padded) sequence is cut into 2·cp equal chunks and cp rank r holds chunk r and chunk
+2·cp−1−r, so every rank gets the same causal work (an early chunk sees few keys, its partner many). The engine
+splits token ids, positions and next-token targets before the model runs (``ContextParallel.shard``); the model
+itself is unchanged: ``apply`` replaces the ``kernel(q, k, v, mask)`` of every decoder layer's attention with one
+that gathers k/v of the whole sequence (differentiable: funcol's all-gather, whose backward reduce-scatters the k/v
+gradients to their owners) and attends this rank's queries to them under a mask by *global* positions: causal,
+the padding, the layer's sliding window and, with ``data.document_masking``, the documents of packed rows.
+
+All-gather rather than ring attention: it is exact with any mask and any kernel (soft-capped scores included),
+needs no online-softmax merge of partial results, and k/v are small under GQA (kv_heads/heads of the queries).
+Ring attention would overlap the exchange with compute; torch's ``context_parallel`` only handles CUDA SDPA ops
+and cannot run on CPU/gloo. Outside a split (generation, full-logit evaluation) the kernel is the model's own
+and every cp rank runs the whole sequence (the model is replicated over cp).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch.distributed._functional_collectives import all_gather_single_autograd
+
+from collie.data.pretrain import document_ids
+from collie.loss import IGNORE_INDEX, shift_labels
+from collie.models.components import is_right_padded
+
+
+def shard_positions(seq_len: int, cp: int, rank: int, device=None) -> torch.Tensor:
+    """Global positions held by cp rank ``rank``: chunk ``rank`` and chunk ``2·cp−1−rank`` of 2·cp equal chunks
+    (``seq_len`` must be a multiple of 2·cp)."""
+    chunks = torch.arange(seq_len, device=device).view(2 * cp, seq_len // (2 * cp))
+    return torch.cat([chunks[rank], chunks[2 * cp - 1 - rank]])
+
+
+@dataclass
+class SequenceShard:
+    """This rank's share of a micro-batch and what its attention needs: ``input_ids``, ``position_ids`` and next-
+    token ``targets`` of the local positions (b, s/cp); the allowed (local query × gathered key) pairs."""
+    input_ids: torch.Tensor
+    position_ids: torch.Tensor
+    targets: torch.Tensor
+    allowed: torch.Tensor  # (b|1, 1, s/cp, s) without the sliding window
+    query_positions: torch.Tensor
+    key_positions: torch.Tensor  # global position of each gathered key (the ranks' shards, in rank order)
+    _masks: dict = field(default_factory=dict)
+
+    def mask(self, window: int | None) -> torch.Tensor:
+        """The mask of a layer with this attention window (None: full causal), built once per forward."""
+        if window not in self._masks:
+            allowed = self.allowed
+            if window is not None:
+                allowed = allowed & (self.key_positions[None] > self.query_positions[:, None] - window)
+            self._masks[window] = allowed
+        return self._masks[window]
+
+
+class ContextParallel:
+    """The plan of one cp group: applied once to a model (``apply``), then each forward that should run split
+    goes through ``shard`` and ``attending``."""
+
+    def __init__(self, cp_mesh):
+        self.mesh, self.cp, self.rank = cp_mesh, cp_mesh.size(), cp_mesh.get_local_rank()
+        self._shard: SequenceShard | None = None
+
+    def apply(self, model: torch.nn.Module) -> None:
+        """Wrap the attention kernel of every decoder layer (``layer.self_attn.kernel``)."""
+        from collie.models.hf_backend import decoder_layers
+        for layer in decoder_layers(model).values():
+            attention = layer.self_attn
+            attention.kernel = partial(self._attend, attention.kernel, getattr(layer, "sliding_window", None))
+
+    def shard(self, batch: dict, document_masking: bool = False) -> SequenceShard:
+        """Split a collated batch (``input_ids``, ``labels``, ``attention_mask``, ``position_ids``) for this rank.
+        The sequence is right-padded to a multiple of 2·cp (padding tokens have no loss and no real token sees
+        them); the targets are shifted before the split, so no next-token pair is lost at a chunk boundary."""
+        input_ids, padding = batch["input_ids"], batch["attention_mask"]
+        positions = batch.get("position_ids")
+        if positions is None:
+            positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
+        targets = shift_labels(batch["labels"])
+        extra = -input_ids.shape[1] % (2 * self.cp)
+        if extra:
+            input_ids, padding = F.pad(input_ids, (0, extra)), F.pad(padding, (0, extra))
+            targets = F.pad(targets, (0, extra), value=IGNORE_INDEX)
+            positions = torch.cat([positions, positions[:, -1:] + torch.arange(1, extra + 1, device=positions.device)], 1)
+        seq_len, device = input_ids.shape[1], input_ids.device
+        mine = shard_positions(seq_len, self.cp, self.rank, device)
+        keys = torch.cat([shard_positions(seq_len, self.cp, r, device) for r in range(self.cp)])
+        allowed = (keys[None] <= mine[:, None])[None]  # (1, q, k): causal by global position
+        if not is_right_padded(padding):  # real tokens never see the right padding after them
+            allowed = allowed & padding.bool()[:, None, keys]
+        if document_masking:
+            docs = document_ids(positions)
+            allowed = allowed & (docs[:, mine, None] == docs[:, None, keys])
+        allowed = (allowed | (keys[None] == mine[:, None])[None])[:, None]  # a query always sees itself
+        return SequenceShard(input_ids[:, mine], positions[:, mine], targets[:, mine], allowed, mine, keys)
+
+    @contextlib.contextmanager
+    def attending(self, shard: SequenceShard):
+        """Forwards inside run split: attention gathers k/v over cp and uses ``shard``'s masks."""
+        self._shard = shard
+        try:
+            yield
+        finally:
+            self._shard = None
+
+    def _attend(self, kernel, window, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
+        """``kernel`` over k/v of the whole sequence; ``mask`` (built by the model from local indices) is
+        replaced by the shard's mask by global positions. Unsplit forwards call ``kernel`` as it is."""
+        if self._shard is None:
+            return kernel(q, k, v, mask)
+        k = all_gather_single_autograd(k.contiguous(), 2, self.mesh)
+        v = all_gather_single_autograd(v.contiguous(), 2, self.mesh)
+        return kernel(q, k, v, self._shard.mask(window))
+
+
+def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy (fp32) of already shifted ``targets`` (IGNORE_INDEX: no loss)."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
+                           reduction="sum")

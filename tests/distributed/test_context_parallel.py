@@ -1,0 +1,92 @@
+"""Context-parallel attention (``collie.distributed.context_parallel``) equals full attention at 2 ranks: the
+summed loss of the split sequence and the gradients summed over the cp ranks are those of one process on the
+whole sequence — causal, right-padded to a multiple of 2·cp, packed documents, a sliding window, soft-capped
+scores. The end-to-end runs (cp2, cp2×dp2 ZeRO-3 through ``collie train``) are in test_layout_matrix.py."""
+import os
+
+import pytest
+import torch
+
+from collie import layout_rules as rules
+from collie.config import CollieConfig, ParallelConfig
+from collie.distributed import resolve_degrees, validate_model_for_layout
+from collie.distributed.context_parallel import shard_positions
+from collie.distributed.launch import run_distributed
+from collie.errors import ConfigError
+from collie.models import ModelArgs
+
+import cp_rank
+
+pytestmark = pytest.mark.distributed
+RANK_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cp_rank.py")
+QUICKSTART = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
+                          "configs", "quickstart.yaml")
+
+
+def test_shards_are_load_balanced():
+    """2·cp chunks; rank r holds chunk r and chunk 2·cp−1−r; together every position once."""
+    assert shard_positions(8, 2, 0).tolist() == [0, 1, 6, 7]
+    assert shard_positions(8, 2, 1).tolist() == [2, 3, 4, 5]
+    held = torch.cat([shard_positions(24, 3, r) for r in range(3)])
+    assert sorted(held.tolist()) == list(range(24))
+    # causal work (keys seen) is equal on every rank
+    assert len({int((shard_positions(24, 3, r) + 1).sum()) for r in range(3)}) == 1
+
+
+@pytest.fixture(scope="module")
+def ranks():
+    return run_distributed(RANK_SCRIPT, 2, list(cp_rank.CASES), timeout_s=120)
+
+
+@pytest.mark.parametrize("case", list(cp_rank.CASES))
+def test_context_parallel_attention_equals_full_attention(ranks, case):
+    for rank in ranks:
+        result = rank[case]
+        assert result["loss"] == pytest.approx(result["expected_loss"], rel=1e-5)
+        assert result["grad_diff"] < 1e-5, f"{case}: gradients differ by {result['grad_diff']}"
+        assert result["unsplit_runs_whole"]
+    seq = cp_rank.CASES[case][1]
+    assert ranks[0][case]["tokens"] == -(-seq // 4) * 2  # half of the sequence padded to a multiple of 4
+
+
+# --- rules: what composes with cp in this slice, checked at load --------------------------------------------
+
+CP_VIOLATIONS = [
+    ((2, 2, 1), "parallel.tp=2"),
+    ((2, 1, 2), "parallel.pp=2"),
+    ((2, 1, 1, "deepspeed"), "parallel.engine=native"),
+    ((2, 1, 1, "native", "prefix"), "peft.method=prefix"),
+    ((2, 1, 1, "native", "none", "hf"), "model.backend=hf"),
+    ((2, 1, 1, "native", "none", "collie", 64), "train.loss_chunk_size"),
+]
+
+
+@pytest.mark.parametrize("arguments, key", CP_VIOLATIONS, ids=[key for _, key in CP_VIOLATIONS])
+def test_context_parallel_rules_name_the_key(arguments, key):
+    with pytest.raises(ConfigError) as error:
+        rules.check_context_parallel(*arguments)
+    assert key in str(error.value) and "parallel.cp=2" in str(error.value)
+
+
+def test_world_size_counts_cp_ranks():
+    assert rules.resolve_dp(8, -1, 1, 1, cp=2) == 4
+    assert resolve_degrees(ParallelConfig(cp=2, dp=2), 4) == (2, 1, 1)
+    with pytest.raises(ConfigError, match=r"parallel.cp=2 = 2; set parallel.dp=4 or launch with --nproc_per_node 2"):
+        rules.resolve_dp(8, 1, 1, 1, cp=2)
+    rules.check_context_parallel(4)  # with dp and ZeRO only: nothing to refuse
+
+
+def test_cp_config_loads_and_refuses_tp_at_load():
+    cfg = CollieConfig.load(QUICKSTART, ["parallel.cp=2", "parallel.zero_stage=3", "data.document_masking=true",
+                                         "data.pack=true"])
+    assert cfg.parallel.cp == 2
+    with pytest.raises(ConfigError, match="parallel.cp=2 does not yet compose with parallel.tp=2"):
+        CollieConfig.load(QUICKSTART, ["parallel.cp=2", "parallel.tp=2"])
+
+
+def test_moe_router_losses_are_refused_under_cp():
+    args = ModelArgs(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, architecture="mixtral", num_experts=4,
+                     router_aux_loss_coef=0.01)
+    with pytest.raises(ConfigError, match="parallel.cp=2: the router losses"):
+        validate_model_for_layout(args, ParallelConfig(cp=2))
