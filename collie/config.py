@@ -65,6 +65,10 @@ class ParallelConfig:
     zero_stage: int = _f(0, "ZeRO stage over the data-parallel group: 0 replicate, 1 shard optimizer state, "
                             "2 + gradients, 3 + parameters", min=0, max=3)
     cpu_offload: bool = _f(False, "offload optimizer state (and parameters at stage 3) to CPU memory")
+    ep: int = _f(1, "expert-parallel degree (mixture-of-experts models): the routed experts are split over ep ranks "
+                    "carved from the data-parallel ones (ep divides dp and num_experts; each rank holds "
+                    "num_experts/ep experts) and tokens reach their experts by all-to-all; composes with dp and "
+                    "ZeRO 0-3 (not yet with tp, pp, cp, HSDP or DeepSpeed)", min=1)
     sequence_parallel: bool = _f(False, "shard norms/dropout activations along the sequence over the tp group")
     pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b"] = _f("1f1b", "pipeline schedule")
     pp_microbatches: Optional[int] = _f(None, "micro-batches per pipeline step; null = 2·pp", min=1)
@@ -345,6 +349,14 @@ def _check_card_and_arch(model) -> None:
 def _check_parallel(cfg: CollieConfig) -> None:
     from collie.layout_rules import check_config
     check_config(cfg)  # every layout / optimizer / batch rule, each in one place (collie/layout_rules.py)
+    if cfg.parallel.ep > 1:
+        from collie.layout_rules import check_expert_parallel
+        from collie.optim import is_fused_optimizer, list_optimizers
+        p, name = cfg.parallel, cfg.optim.name
+        check_expert_parallel(p.ep, dp=p.dp, tp=p.tp, pp=p.pp, cp=p.cp, dp_replicate=p.dp_replicate,
+                              engine=p.engine, fused=name in list_optimizers() and is_fused_optimizer(name),
+                              optimizer=name, peft=cfg.peft.method, backend=cfg.model.backend,
+                              cpu_offload=p.cpu_offload)
 
 
 def _check_optim(cfg: CollieConfig) -> None:

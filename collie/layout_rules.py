@@ -270,3 +270,57 @@ def check_config(cfg) -> None:
                  seq_len=cfg.data.seq_len, sequence_parallel=p.sequence_parallel, cpu_offload=p.cpu_offload,
                  peft=cfg.peft.method, loss_chunk_size=cfg.train.loss_chunk_size,
                  clip_grad_value=cfg.optim.clip_grad_value, backend=cfg.model.backend)
+
+
+# --- expert parallel ---------------------------------------------------------------------------------------
+
+def check_expert_parallel(ep: int, *, dp: int = -1, tp: int = 1, pp: int = 1, cp: int = 1, dp_replicate: int = 1,
+                          engine: str = "native", fused: bool = False, optimizer: str = "adamw",
+                          peft: str = "none", backend: str = "collie", cpu_offload: bool = False) -> None:
+    """Expert parallelism shards the routed experts of collie's MoE families over ep ranks carved from the
+    data-parallel group. This slice runs it with data parallelism and ZeRO 0-3 (native engine)."""
+    if ep == 1:
+        return
+    what = f"parallel.ep={ep}"
+    for key, value in (("parallel.tp", tp), ("parallel.pp", pp), ("parallel.cp", cp),
+                       ("parallel.dp_replicate", dp_replicate)):
+        if value > 1:
+            raise ConfigError(f"{what} does not yet compose with {key}={value}: expert parallelism runs with data "
+                              f"parallelism and ZeRO 0-3 (parallel.dp, parallel.zero_stage); set {key}=1 or "
+                              f"parallel.ep=1")
+    if engine != "native":
+        raise ConfigError(f"{what} needs parallel.engine=native: DeepSpeed reduces every gradient over all of dp, "
+                          f"but an expert's gradient is summed only over the ranks holding the same expert")
+    if fused:
+        raise ConfigError(f"{what}: optim.name={optimizer} updates inside backward and reduces each gradient over "
+                          f"all of dp; use a classic optimizer (adamw, …) or parallel.ep=1")
+    if backend != "collie" or peft != "none":
+        why = f"model.backend={backend}" if backend != "collie" else f"peft.method={peft}"
+        raise ConfigError(f"{what} shards the experts of collie's own MoE models; {why} is not supported with it "
+                          f"yet: use model.backend=collie and peft.method=none, or parallel.ep=1")
+    if cpu_offload:
+        raise ConfigError(f"{what} does not yet compose with parallel.cpu_offload=true; set one of them off")
+    if dp > 0:
+        check_expert_parallel_degree(ep, dp)
+
+
+def check_expert_parallel_degree(ep: int, dp: int, world: int | None = None) -> None:
+    """The ep ranks are carved from the data-parallel ranks: ep must divide dp."""
+    if dp % ep:
+        choose = ", ".join(str(d) for d in range(1, dp + 1) if dp % d == 0)
+        raise ConfigError(f"parallel.ep={ep} does not divide parallel.dp={dp}"
+                          f"{f' (world size {world})' if world else ''}: the expert-parallel groups are carved from "
+                          f"the data-parallel ranks; choose parallel.ep from {choose}")
+
+
+def check_expert_parallel_model(ep: int, architecture: str, num_experts: int | None) -> None:
+    """ep needs routed experts, an equal number on every ep rank."""
+    if ep == 1:
+        return
+    if not num_experts:
+        raise ConfigError(f"parallel.ep={ep} shards routed experts, but architecture {architecture} has none; use a "
+                          f"mixture-of-experts architecture (mixtral, qwen2_moe, qwen3_moe) or parallel.ep=1")
+    if num_experts % ep:
+        choose = ", ".join(str(d) for d in range(1, num_experts + 1) if num_experts % d == 0)
+        raise ConfigError(f"parallel.ep={ep} does not divide num_experts={num_experts}: each ep rank holds "
+                          f"num_experts/ep experts; choose parallel.ep from {choose}")

@@ -129,8 +129,9 @@ def clip_grad_norm_(params, max_norm: float, ctx, norm_type: float = 2.0) -> tor
     DTensor gradients (TP and/or ZeRO shards) are reduced over their mesh, plain ones (replicated) count once,
     and the per-stage norms are combined over pp. ``max_norm=inf`` only measures."""
     params = [p for p in dict.fromkeys(params) if p.grad is not None]
-    grads = [p.grad for p in params]
+    grads = [p.grad for p in params if getattr(p, "expert_parallel_group", None) is None]
     total = _stage_norm(grads, norm_type, ctx.device)
+    total = _with_expert_norm(total, params, norm_type, ctx.device)
     if ctx.pp > 1:
         if math.isinf(norm_type):
             dist.all_reduce(total, op=dist.ReduceOp.MAX, group=ctx.pp_group)
@@ -139,8 +140,31 @@ def clip_grad_norm_(params, max_norm: float, ctx, norm_type: float = 2.0) -> tor
             dist.all_reduce(total, group=ctx.pp_group)
             total = total ** (1.0 / norm_type)
     if params and not math.isinf(max_norm):
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)  # takes parameters, not gradients
+        for group in _split_experts(params):  # torch's foreach cannot mix the experts' mesh with the others'
+            torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)  # takes parameters, not gradients
     return total
+
+
+def _split_experts(params) -> list[list]:
+    experts = [p for p in params if getattr(p, "expert_parallel_group", None) is not None]
+    others = [p for p in params if getattr(p, "expert_parallel_group", None) is None]
+    return [group for group in (others, experts) if group]
+
+
+def _with_expert_norm(total: torch.Tensor, params, norm_type: float, device) -> torch.Tensor:
+    """Under expert parallelism each rank of an ep group holds other experts (their parameters are tagged with the
+    group by ``collie.distributed.expert_parallel``): their norm is combined over it, then with the rest."""
+    experts = [p for p in params if getattr(p, "expert_parallel_group", None) is not None]
+    if not experts:
+        return total
+    norm = _stage_norm([p.grad for p in experts], norm_type, device)
+    group = experts[0].expert_parallel_group
+    if math.isinf(norm_type):
+        dist.all_reduce(norm, op=dist.ReduceOp.MAX, group=group)
+        return torch.maximum(total, norm)
+    norm = norm ** norm_type
+    dist.all_reduce(norm, group=group)
+    return (total ** norm_type + norm) ** (1.0 / norm_type)
 
 
 def _stage_norm(grads, norm_type: float, device) -> torch.Tensor:

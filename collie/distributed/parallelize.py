@@ -21,10 +21,12 @@ from torch.distributed.tensor import DTensor
 from collie.distributed.activation_checkpointing import apply_activation_checkpointing
 from collie.distributed.context_parallel import ContextParallel
 from collie.distributed.data_parallel import apply_data_parallel, shard_optimizer_state
+from collie.distributed.expert_parallel import (ExpertParallel, apply_expert_parallel, build_expert_parallel,
+                                                expert_parameters, mark_expert_parameters, shard_experts)
 from collie.distributed.pipeline import PipelineRunner, build_stage_models
 from collie.distributed.tensor_parallel import apply_tensor_parallel, vocab_parallel_loss_sum
 from collie.errors import CheckpointError
-from collie.layout_rules import check_cpu_offload
+from collie.layout_rules import check_cpu_offload, check_expert_parallel_model
 
 
 @dataclass
@@ -36,6 +38,7 @@ class ParallelModel:
     runner: PipelineRunner | None = None
     optimizer_owners: list = field(default_factory=list)
     context_parallel: ContextParallel | None = None  # with parallel.cp > 1: splits the engine's loss forwards
+    expert_parallel: ExpertParallel | None = None  # with parallel.ep > 1: this rank's experts and its ep group
 
     def __call__(self, input_ids, **inputs):
         """Forward without pipeline parallelism (pp=1); with pp use ``runner.step`` / ``runner.eval_forward``.
@@ -71,7 +74,14 @@ class ParallelModel:
     def prepare_optimizer(self, optimizer) -> None:
         """Call once after building the optimizer on ``parameters()``: shards its state for ZeRO-1."""
         if self.ctx.cfg.zero_stage == 1 and self.ctx.gradient_ranks > 1:
-            self.optimizer_owners = shard_optimizer_state(optimizer, self.parameters(), self.ctx.gradient_group)
+            params, ep = self.parameters(), self.expert_parallel
+            if ep is not None:  # experts: sharded over the ranks holding the same experts (when there are several)
+                experts = set(expert_parameters(self.parts))
+                params = [p for p in params if p not in experts]
+                if ep.replicate_mesh.size() > 1:
+                    shard_optimizer_state(optimizer, [p for p in self.parameters() if p in experts],
+                                          ep.replicate_mesh.get_group())
+            self.optimizer_owners = shard_optimizer_state(optimizer, params, self.ctx.gradient_group)
 
 
 def parallelize(model, args, parallel_cfg, ctx, device, init_fn: Callable[[], dict] | None = None,
@@ -84,6 +94,8 @@ def parallelize(model, args, parallel_cfg, ctx, device, init_fn: Callable[[], di
     ``load_full_state_dict`` (e.g. shard by shard from a Hugging Face checkpoint). ``compute_dtype``: see
     ``apply_data_parallel``."""
     ctx.validate_model(args)
+    check_expert_parallel_model(parallel_cfg.ep, args.architecture, args.num_experts)
+    expert_parallel = build_expert_parallel(ctx, parallel_cfg.ep)
     if ctx.pp > 1:
         parts, stage_ids = build_stage_models(model, parallel_cfg, ctx.pp_rank)
     else:
@@ -96,15 +108,22 @@ def parallelize(model, args, parallel_cfg, ctx, device, init_fn: Callable[[], di
             apply_tensor_parallel(part, ctx.tp_mesh, parallel_cfg.sequence_parallel, _plan_adapter(part))
         if context_parallel is not None:
             context_parallel.apply(part)
+        if expert_parallel is not None:
+            apply_expert_parallel(part, expert_parallel)
         apply_activation_checkpointing(part, activation_checkpointing, checkpoint_every)
         if ctx.gradient_ranks > 1:  # dp × cp ranks sum their gradients
+            if expert_parallel is not None:
+                shard_experts(part, expert_parallel, parallel_cfg.zero_stage, parallel_cfg.cpu_offload, compute_dtype)
             mesh = ctx.fsdp_mesh if parallel_cfg.zero_stage >= 2 else ctx.replicate_mesh
             apply_data_parallel(part, mesh, parallel_cfg.zero_stage, parallel_cfg.cpu_offload, compute_dtype)
     for part in parts:
         part.to_empty(device=device)
-    parallel_model = ParallelModel(parts, stage_ids, ctx, context_parallel=context_parallel)
+    parallel_model = ParallelModel(parts, stage_ids, ctx, context_parallel=context_parallel,
+                                   expert_parallel=expert_parallel)
     if init_fn is not None:
         load_full_state_dict(parallel_model, init_fn() if ctx.rank == 0 else {}, broadcast_from_rank0=True)
+    if expert_parallel is not None:
+        mark_expert_parameters(parts, expert_parallel)
     if ctx.pp > 1:
         parallel_model.runner = PipelineRunner(parts, stage_ids, ctx, loss_sum_fn)
     return parallel_model
@@ -179,13 +198,16 @@ def gather_full_state_dict(parallel_model: ParallelModel) -> dict:
     """The full model's state dict (CPU tensors, Hugging Face names) on global rank 0; {} elsewhere. A
     collective: every rank calls. Tensors are gathered one at a time, so no rank holds more than its shards
     plus one full tensor (rank 0 accumulates the result)."""
-    ctx = parallel_model.ctx
+    ctx, expert_parallel = parallel_model.ctx, parallel_model.expert_parallel
+    ep_first_row = expert_parallel is not None and expert_parallel.replicate_mesh.get_local_rank() == 0
     mine = {}
     for part in parallel_model.parts:
         for name, value in get_model_state_dict(part).items():
             value = value.full_tensor() if isinstance(value, DTensor) else value
-            if ctx.dp_rank == 0 and ctx.tp_rank == 0:
+            if (ctx.dp_rank == 0 or ep_first_row) and ctx.tp_rank == 0:
                 mine[name] = value.detach().cpu()
+    if expert_parallel is not None:
+        mine = _gather_experts(mine, expert_parallel)
     if ctx.pp == 1:
         return mine if ctx.rank == 0 else {}
     # One rank per stage (dp 0, tp 0) sends its stage's tensors to global rank 0 over the pp group.
@@ -199,3 +221,18 @@ def gather_full_state_dict(parallel_model: ParallelModel) -> dict:
     for stage_dict in gathered:
         full.update(stage_dict)
     return full
+
+
+def _gather_experts(mine: dict, expert_parallel: ExpertParallel) -> dict:
+    """Under expert parallelism dp rank 0 holds only its own experts: the other ranks of its ep group (the first
+    row of the grid, which kept their tensors too) send theirs to it. {} on those senders."""
+    if expert_parallel.replicate_mesh.get_local_rank() != 0:
+        return mine
+    own = {k: v for k, v in mine.items() if ".experts." in k}
+    gathered = [None] * expert_parallel.ep if expert_parallel.rank == 0 else None
+    dist.gather_object(own, gathered, group=expert_parallel.group, group_dst=0)
+    if expert_parallel.rank != 0:
+        return {}
+    for experts in gathered:
+        mine.update(experts)
+    return mine

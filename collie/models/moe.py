@@ -47,8 +47,14 @@ class SparseMoE(nn.Module):
     sigmoid(``shared_expert_gate``) when ``shared_expert_intermediate_size`` is set (Qwen2-MoE).
 
     In training mode the block keeps its last router logits and choices (``routing``) for the model's auxiliary
-    losses and metrics; it holds no other state."""
+    losses and metrics; it holds no other state.
+
+    ``dispatch`` is the hook a parallel plan replaces: ``dispatch(block, flat, weights, chosen) -> out`` sends each
+    (token, expert) assignment to its expert and combines the weighted outputs per token. ``None`` runs every expert
+    here (``run_experts``); expert parallelism (``collie.distributed.expert_parallel``) keeps only this rank's
+    experts in ``experts`` (a ModuleDict keyed by their global index) and dispatches with all-to-all."""
     weights_in_input_dtype = True  # Qwen casts the routing weights to the hidden dtype; Mixtral keeps fp32
+    dispatch = None
 
     def __init__(self, args: ModelArgs):
         super().__init__()
@@ -77,15 +83,22 @@ class SparseMoE(nn.Module):
         flat = x.reshape(-1, shape[-1])
         logits, weights, chosen = self.route(flat)
         self.routing = (logits, chosen) if self.training else None
+        out = (self.run_experts if self.dispatch is None else self.dispatch)(self, flat, weights, chosen)
+        if self.shared_expert is not None:
+            out = out + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
+        return out.reshape(shape)
+
+
+    @staticmethod
+    def run_experts(block, flat: torch.Tensor, weights: torch.Tensor, chosen: torch.Tensor) -> torch.Tensor:
+        """Every expert on its tokens, the outputs weighted and added per token in expert order."""
         out = torch.zeros_like(flat)
-        for index, expert in enumerate(self.experts):
+        for index, expert in enumerate(block.experts):
             # every expert runs, on zero tokens if none chose it, so that data parallelism sees every gradient
             slot, token = torch.where(chosen.T == index)
             y = expert(flat.index_select(0, token)) * weights[token, slot, None]
             out.index_add_(0, token, y.to(out.dtype))
-        if self.shared_expert is not None:
-            out = out + torch.sigmoid(self.shared_expert_gate(flat)) * self.shared_expert(flat)
-        return out.reshape(shape)
+        return out
 
 
 class MixtralSparseMoE(SparseMoE):

@@ -14,17 +14,22 @@ FSDP2 (whose local shard may be flat or empty), or part of one pipeline stage: e
 groups for the parameters it holds. Wrapper prefixes (``_orig_mod.``, ``_checkpoint_wrapped_module.``,
 ``base_model.model.``) do not matter.
 
-The groups are always listed in the same order (``decay``, then ``no_decay``) and an empty one is left out,
-so checkpoints, which save ``param_groups`` settings by index and name, line up across layouts.
+The groups are always listed in the same order (``decay``, then ``no_decay``, then the routed experts' own
+``decay_experts`` and ``no_decay_experts`` of a mixture-of-experts model) and an empty one is left out, so
+checkpoints, which save ``param_groups`` settings by index and name, line up across layouts. The experts have groups
+of their own because expert parallelism puts them on another device mesh, which torch's multi-tensor (foreach)
+updates cannot mix with the rest; they have them in every layout so that the groups line up.
 """
 from __future__ import annotations
 
+import re
 from typing import Iterable
 
 import torch
 
 NO_DECAY_KINDS = ("norm", "bias", "embedding")
 DEFAULT_NO_DECAY = ("norm", "bias")
+EXPERT = re.compile(r"\.experts\.\d+\.")  # a routed expert's parameters (collie.models.moe)
 
 
 def parameter_kinds(name: str) -> set[str]:
@@ -57,12 +62,18 @@ def param_groups(named_params: Iterable[tuple[str, torch.Tensor]], no_decay: Ite
     if unknown:
         raise ValueError(f"no_decay={sorted(no_decay)}: unknown kind(s) {sorted(unknown)}; "
                          f"choose from {', '.join(NO_DECAY_KINDS)}")
-    decay, exempt, seen = [], [], set()
+    decay, exempt, seen, experts = [], [], set(), set()
     for name, param in named_params:
         if id(param) in seen:
             continue
         seen.add(id(param))
+        if EXPERT.search(name):
+            experts.add(id(param))
         (decay if is_decayed(name, no_decay) else exempt).append(param)
     groups = [{"name": "decay", "params": decay, "weight_decay": weight_decay},
               {"name": "no_decay", "params": exempt, "weight_decay": 0.0}]
+    groups += [{**g, "name": f"{g['name']}_experts", "params": [p for p in g["params"] if id(p) in experts]}
+               for g in groups]
+    for group in groups[:2]:
+        group["params"] = [p for p in group["params"] if id(p) not in experts]
     return [g for g in groups if g["params"]]

@@ -97,8 +97,12 @@ LAYOUTS = {
     "dp2x2_tp2_zero3": (8, 4, ["parallel.dp=4", "parallel.dp_replicate=2", "parallel.tp=2", "parallel.zero_stage=3"]),
     "dp2x2_pp2_zero2": (8, 4, ["parallel.dp=4", "parallel.dp_replicate=2", "parallel.pp=2", "parallel.zero_stage=2",
                                "parallel.pp_microbatches=2"]),
+    # expert parallel (MoE only): ep ranks carved from dp hold different experts and exchange tokens by all-to-all
+    "dp2_ep2": (2, 2, ["parallel.dp=2", "parallel.ep=2"]),
+    "dp2_ep2_zero3": (2, 2, ["parallel.dp=2", "parallel.ep=2", "parallel.zero_stage=3"]),
+    "dp4_ep2_zero1": (4, 4, ["parallel.dp=4", "parallel.ep=2", "parallel.zero_stage=1"]),
 }
-MATRIX = [(name, "adamw") for name in LAYOUTS] + [
+MATRIX = [(name, "adamw") for name in LAYOUTS if "_ep" not in name] + [
     ("tp2_sp", "lora"), ("pp2_1f1b", "lora"), ("dp2_zero3", "lora"),
     ("dp2_zero2", "adalomo"), ("dp2_zero3", "adalomo"), ("tp2_sp", "adalomo"),
     ("tp2_sp", "packed"), ("pp2_1f1b", "packed"), ("dp2_zero3", "packed"), ("dp2x2_zero3", "adalomo"),
@@ -107,6 +111,7 @@ MATRIX = [(name, "adamw") for name in LAYOUTS] + [
 ]
 MATRIX += [("dp2_zero3", "mixtral"), ("pp2_1f1b", "mixtral")]
 MATRIX += [("cp2", "packed"), ("cp2", "gemma2")]
+MATRIX += [("dp2_ep2", "mixtral"), ("dp2_ep2_zero3", "mixtral"), ("dp4_ep2_zero1", "mixtral")]
 # (saved in, resumed in): the mid-run checkpoint of the first continues in the second
 RESUMES = [("dp2_pp2_zero2", "tp2_sp"), ("tp2_sp", "single"), ("dp2x2_zero3", "dp2_zero2")]
 
