@@ -49,14 +49,19 @@ class SequenceShard:
     key_positions: torch.Tensor  # global position of each gathered key (the ranks' shards, in rank order)
     _masks: dict = field(default_factory=dict)
 
-    def mask(self, window: int | None) -> torch.Tensor:
-        """The mask of a layer with this attention window (None: full causal), built once per forward."""
-        if window not in self._masks:
+    def mask(self, window: int | None, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The mask of a layer with this attention window (None: full causal), built once per forward: boolean,
+        or with ``dtype`` additive (0 / -inf). SDPA converts a boolean mask to an additive one in every call and
+        saves the copy for backward, once per layer; an additive mask of the query dtype is saved by reference."""
+        if (window, dtype) not in self._masks:
             allowed = self.allowed
             if window is not None:
                 allowed = allowed & (self.key_positions[None] > self.query_positions[:, None] - window)
-            self._masks[window] = allowed
-        return self._masks[window]
+            if dtype is not None:
+                allowed = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
+                    ~allowed, float("-inf"))
+            self._masks[window, dtype] = allowed
+        return self._masks[window, dtype]
 
 
 class ContextParallel:
@@ -72,7 +77,9 @@ class ContextParallel:
         from collie.models.hf_backend import decoder_layers
         for layer in decoder_layers(model).values():
             attention = layer.self_attn
-            attention.kernel = partial(self._attend, attention.kernel, getattr(layer, "sliding_window", None))
+            additive = getattr(attention, "softcap", None) is None  # SDPA; the soft-capping kernel takes booleans
+            attention.kernel = partial(self._attend, attention.kernel, getattr(layer, "sliding_window", None),
+                                       additive)
 
     def shard(self, batch: dict, document_masking: bool = False) -> SequenceShard:
         """Split a collated batch (``input_ids``, ``labels``, ``attention_mask``, ``position_ids``) for this rank.
@@ -109,14 +116,15 @@ class ContextParallel:
         finally:
             self._shard = None
 
-    def _attend(self, kernel, window, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask) -> torch.Tensor:
+    def _attend(self, kernel, window, additive: bool, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                mask) -> torch.Tensor:
         """``kernel`` over k/v of the whole sequence; ``mask`` (built by the model from local indices) is
         replaced by the shard's mask by global positions. Unsplit forwards call ``kernel`` as it is."""
         if self._shard is None:
             return kernel(q, k, v, mask)
         k = all_gather_single_autograd(k.contiguous(), 2, self.mesh)
         v = all_gather_single_autograd(v.contiguous(), 2, self.mesh)
-        return kernel(q, k, v, self._shard.mask(window))
+        return kernel(q, k, v, self._shard.mask(window, q.dtype if additive else None))
 
 
 def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
