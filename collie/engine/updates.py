@@ -47,7 +47,9 @@ class ClassicUpdate:
         finite = bool(torch.isfinite(loss) and torch.isfinite(grad_norm))
         if finite:
             self.scaler.step(self.optimizer)
-        self.scaler.update()
+            self.scaler.update()
+        else:  # every rank backs off: with sharded gradients only some ranks' own shards saw the inf/nan
+            self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(finite, float(grad_norm))
 
