@@ -107,7 +107,7 @@ MATRIX = [(name, "adamw") for name in LAYOUTS if "_ep" not in name] + [
     ("dp2_zero2", "adalomo"), ("dp2_zero3", "adalomo"), ("tp2_sp", "adalomo"),
     ("tp2_sp", "packed"), ("pp2_1f1b", "packed"), ("dp2_zero3", "packed"), ("dp2x2_zero3", "adalomo"),
     ("tp2_sp", "qwen3"), ("pp2_1f1b", "qwen3"), ("tp2_sp", "phi3"),
-    ("tp2_sp", "gemma2"), ("pp2_1f1b", "gemma2"),
+    ("tp2_sp", "gemma2"), ("pp2_1f1b", "gemma2"), ("dp2_zero3", "qwen3"), ("dp2_zero2", "gemma2"),
 ]
 MATRIX += [("dp2_zero3", "mixtral"), ("pp2_1f1b", "mixtral")]
 MATRIX += [("cp2", "packed"), ("cp2", "gemma2")]
