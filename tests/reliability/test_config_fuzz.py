@@ -2,6 +2,7 @@
 infinite numbers, impossible layouts, incompatible optimizer/PEFT/layout pairs) must each end in a ConfigError whose message names
 the mutated key's dotted path — from the checks collie runs before any process group or model exists.
 """
+import copy
 import dataclasses
 import glob
 import os
@@ -22,10 +23,17 @@ SEED, PER_FAMILY = 20261129, 40
 CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
 WRONG = {int: ["eight", 2.5, [1], {"a": 1}, True], float: ["fast", [0.1], {"x": 1}, True], bool: ["yes", 2, [True]],
          str: [12, [1, 2], {"k": "v"}, 1.5], list: ["not-a-list", 3, {"a": 1}], dict: ["not-a-map", [1, 2], 7]}
-# (overrides, key the message must name): combinations only the cross-section checks can reject, each applied to
-# every shipped config after RESET (a one-dimensional layout, no PEFT), so that it is the only fault; world size 4
-RESET = {"parallel": {"dp": -1, "tp": 1, "pp": 1, "zero_stage": 0, "sequence_parallel": False},
-         "peft": {"method": "none"}, "eval": {"metrics": ["perplexity"]}, "data": {"document_masking": False}}
+# (overrides, key the message must name): combinations only the cross-section checks can reject, each applied
+# leaf by leaf to every shipped config after RESET (a one-dimensional layout, no PEFT, a classic optimizer, no
+# checkpointing, no router losses, untied embeddings, head_dim from the hidden size, 4 layers, a micro-batch
+# pipelines can split), so that it is the only fault; world size 4
+RESET = {"parallel": {"dp": -1, "tp": 1, "pp": 1, "cp": 1, "ep": 1, "dp_replicate": 1, "zero_stage": 0,
+                      "sequence_parallel": False},
+         "peft": {"method": "none"}, "eval": {"metrics": ["perplexity"]}, "data": {"document_masking": False},
+         "optim": {"name": "adamw", "args": {}}, "train": {"micro_batch_size": 8},
+         "model": {"activation_checkpointing": "none", "arch.router_aux_loss_coef": 0.0,
+                   "arch.router_z_loss_coef": 0.0, "arch.tie_word_embeddings": False, "arch.head_dim": None,
+                   "arch.num_hidden_layers": 4}}
 INCOMPATIBLE = [
     ({"optim": {"name": "lomo"}, "parallel": {"pp": 2}}, "parallel.pp"),
     ({"optim": {"name": "adalomo"}, "parallel": {"zero_stage": 1}}, "parallel.zero_stage"),
@@ -86,6 +94,15 @@ def base_type(tp):
     if typing.get_origin(tp) is typing.Union or (args and typing.get_origin(tp) not in (list, dict, Literal)):
         return base_type(args[0])
     return typing.get_origin(tp) or tp
+
+
+def leaves(values: dict, prefix: str = ""):
+    """(dotted key, value) of every non-dict value below ``values``: a mutation merges into the config."""
+    for key, value in values.items():
+        if isinstance(value, dict) and value:
+            yield from leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
 
 
 def set_key(data: dict, dotted: str, value) -> dict:
@@ -154,8 +171,8 @@ def mutations(seed: int = SEED):
         for name in sorted(bases):
             data = yaml.safe_load(yaml.safe_dump(bases[name]))
             for section, values in [*RESET.items(), *overrides.items()]:
-                for k, v in values.items():
-                    set_key(data, f"{section}.{k}", v)
+                for k, v in leaves(values):
+                    set_key(data, f"{section}.{k}", copy.deepcopy(v))  # RESET's values are shared by all cases
             out.append((f"{name}: {overrides}", data, key))
     return out
 
