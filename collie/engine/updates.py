@@ -48,7 +48,7 @@ class ClassicUpdate:
         if finite:
             self.scaler.step(self.optimizer)
             self.scaler.update()
-        else:  # every rank backs off: with sharded gradients only some ranks' own shards saw the inf/nan
+        elif self.scaler.is_enabled():  # every rank backs off: only some ranks' gradient shards may hold the inf
             self.scaler.update(self.scaler.get_scale() * self.scaler.get_backoff_factor())
         self.optimizer.zero_grad(set_to_none=True)
         return StepResult(finite, float(grad_norm))
