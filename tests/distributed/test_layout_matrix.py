@@ -113,7 +113,7 @@ MATRIX += [("dp2_zero3", "mixtral"), ("pp2_1f1b", "mixtral")]
 MATRIX += [("cp2", "packed"), ("cp2", "gemma2")]
 MATRIX += [("dp2_ep2", "mixtral"), ("dp2_ep2_zero3", "mixtral"), ("dp4_ep2_zero1", "mixtral")]
 # (saved in, resumed in): the mid-run checkpoint of the first continues in the second
-RESUMES = [("dp2_pp2_zero2", "tp2_sp"), ("tp2_sp", "single"), ("dp2x2_zero3", "dp2_zero2")]
+RESUMES = [("dp2_pp2_zero2", "tp2_sp"), ("tp2_sp", "single"), ("dp2x2_zero3", "dp2_zero2"), ("cp2_dp2", "cp2")]
 
 
 # --- running ------------------------------------------------------------------------------------------------
