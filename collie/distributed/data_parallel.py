@@ -43,11 +43,7 @@ def apply_data_parallel(model, dp_mesh, zero_stage: int, cpu_offload: bool = Fal
             replicate(layer, mesh=dp_mesh)
         replicate(model, mesh=dp_mesh)
     else:
-        options = dict(mesh=dp_mesh, reshard_after_forward=zero_stage == 3)
-        if cpu_offload:
-            options["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
-        if compute_dtype is not None:
-            options["mp_policy"] = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+        options = fsdp_options(dp_mesh, zero_stage, cpu_offload, compute_dtype)
         for layer in layers:
             fully_shard(layer, **options)
         fully_shard(model, **options)
@@ -55,6 +51,17 @@ def apply_data_parallel(model, dp_mesh, zero_stage: int, cpu_offload: bool = Fal
         if isinstance(module, FSDPModule):
             module.set_gradient_divide_factor(1.0)
             module.set_force_sum_reduction_for_comms(True)  # gloo has no PREMUL_SUM; SUM is exact everywhere
+
+
+def fsdp_options(mesh, zero_stage: int, cpu_offload: bool, compute_dtype: torch.dtype | None) -> dict:
+    """``fully_shard`` keyword arguments of ZeRO-2/3 over ``mesh``: stage 3 reshards parameters after forward,
+    offload to pinned CPU memory on request, compute in ``compute_dtype`` with fp32 gradient reduction."""
+    options = dict(mesh=mesh, reshard_after_forward=zero_stage == 3)
+    if cpu_offload:
+        options["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
+    if compute_dtype is not None:
+        options["mp_policy"] = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
+    return options
 
 
 def set_gradient_sync(parts, enabled: bool) -> None:

@@ -31,8 +31,9 @@ import torch.distributed.nn.functional as dist_fn
 from torch import nn
 from torch.distributed._composable.replicate_with_fsdp import replicate
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import fully_shard
 
+from collie.distributed.data_parallel import fsdp_options
 from collie.layout_rules import check_expert_parallel
 from collie.models.moe import SparseMoE
 
@@ -101,12 +102,7 @@ def shard_experts(model: nn.Module, expert_parallel: ExpertParallel, zero_stage:
         if zero_stage in (0, 1):
             replicate(expert, mesh=mesh)
         else:
-            options = dict(mesh=mesh, reshard_after_forward=zero_stage == 3)
-            if cpu_offload:
-                options["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())
-            if compute_dtype is not None:
-                options["mp_policy"] = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
-            fully_shard(expert, **options)
+            fully_shard(expert, **fsdp_options(mesh, zero_stage, cpu_offload, compute_dtype))
 
 
 def mark_expert_parameters(parts, expert_parallel: ExpertParallel) -> None:
