@@ -179,6 +179,16 @@ def test_load_hf_config_reads_old_and_new_rope_formats(tmp_path):
         500000.0, {"rope_type": "linear", "factor": 4.0}, 2, 7)
 
 
+def test_phi3_su_rope_is_longrope_with_the_top_level_pretraining_length(tmp_path):
+    """Phi-3's first 128K configs say "su" and keep original_max_position_embeddings beside rope_scaling."""
+    factors = {"short_factor": [1.0] * 8, "long_factor": [2.0] * 8}
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Phi3ForCausalLM"], **TINY,
+                                                      "original_max_position_embeddings": 16,
+                                                      "rope_scaling": {"type": "su", **factors}}))
+    assert load_hf_config(tmp_path).rope_scaling == {"rope_type": "longrope", **factors,
+                                                     "original_max_position_embeddings": 16}
+
+
 def test_args_overrides_and_dtype(llama_dir):
     model = from_pretrained(llama_dir[1], dtype=torch.bfloat16, args_overrides={"rms_norm_eps": 1e-3})
     assert model.args.rms_norm_eps == 1e-3 and model.lm_head.weight.dtype == torch.bfloat16

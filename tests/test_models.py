@@ -1,6 +1,7 @@
 """The collie decoder against transformers (fp32, 1e-5) for every family, and the model's own contracts:
 meta-device build, init, tying, pipeline-friendly pieces, registry and model cards."""
 import glob
+import math
 import os
 
 import pytest
@@ -10,6 +11,7 @@ import transformers
 import collie.models as cm
 from collie.errors import CheckpointError, ConfigError
 from collie.models import LlamaForCausalLM, ModelArgs, build_model, get_model_class, load_card, register_model
+from collie.models.components import RotaryEmbedding
 from tolerance import assert_logits_close
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -32,6 +34,12 @@ FAMILIES = {  # name: (transformers class, config class, extra config)
     # fused qkv_proj and gate_up_proj in the checkpoint
     "phi3-window": ("Phi3ForCausalLM", "Phi3Config", {"num_key_value_heads": 2, "sliding_window": 7,
                                                       "eos_token_id": 2, "pad_token_id": 0}),
+    # longrope: short factors up to original_max_position_embeddings=16, long ones for the whole batch beyond
+    # (SEQ_LENS tests both), attention scaled by sqrt(1 + ln(64/16) / ln 16)
+    "phi3-longrope": ("Phi3ForCausalLM", "Phi3Config", {
+        "num_key_value_heads": 2, "original_max_position_embeddings": 16, "eos_token_id": 2, "pad_token_id": 0,
+        "rope_scaling": {"type": "longrope", "short_factor": [1.0 + 0.1 * i for i in range(8)],
+                         "long_factor": [2.0 + 0.5 * i for i in range(8)]}}),
     # sandwich norms with 1 + weight gains, GeGLU, scaled embeddings, alternating sliding/full layers, its own
     # attention scale; caps small enough to bend these logits and scores (transformers' eager attention applies
     # the cap, its sdpa path ignores it)
@@ -48,6 +56,7 @@ FAMILIES = {  # name: (transformers class, config class, extra config)
         "num_key_value_heads": 1, "sliding_window": 5, "query_pre_attn_scalar": 10,
         "attn_logit_softcapping": None, "final_logit_softcapping": None, "tie_word_embeddings": False}),
 }
+SEQ_LENS = (12, 20)  # below and above phi3-longrope's original_max_position_embeddings
 
 
 def hf_model(family: str):
@@ -86,8 +95,9 @@ def pair(request, tmp_path_factory):
 @torch.no_grad()
 def test_logits_match_transformers(pair):
     hf, model = pair
-    ids, _, _ = left_padded_batch()
-    assert_logits_close(model(ids), hf(ids).logits, TINY)
+    for seq_len in SEQ_LENS:
+        ids, _, _ = left_padded_batch(seq_len)
+        assert_logits_close(model(ids), hf(ids).logits, TINY, seq_len=seq_len)
 
 
 @torch.no_grad()
@@ -128,8 +138,9 @@ def test_saved_directory_reloads_in_transformers(pair, tmp_path):
     assert type(reloaded) is type(hf)
     for name, tensor in hf.state_dict().items():
         assert torch.equal(reloaded.state_dict()[name], tensor), name
-    ids, _, _ = left_padded_batch()
-    assert_logits_close(reloaded(ids).logits, model(ids), TINY)
+    for seq_len in SEQ_LENS:
+        ids, _, _ = left_padded_batch(seq_len)
+        assert_logits_close(reloaded(ids).logits, model(ids), TINY, seq_len=seq_len)
 
 
 def tiny_args(**overrides):
@@ -229,6 +240,9 @@ def test_model_args_validation():
     assert tiny_args(rope_scaling={"type": "linear", "factor": 2.0}).rope_scaling == {"rope_type": "linear",
                                                                                          "factor": 2.0}
     assert tiny_args(rope_scaling={"rope_type": "default"}).rope_scaling is None
+    with pytest.raises(ConfigError, match="short_factor has 2 entries; .* head_dim / 2 = 8"):
+        tiny_args(rope_scaling={"rope_type": "longrope", "short_factor": [1.0, 1.0], "long_factor": [1.0] * 8,
+                                "original_max_position_embeddings": 16})
 
 
 def test_registry_lookup_errors_and_plugins():
@@ -261,9 +275,25 @@ def test_card_shapes_and_errors(tmp_path):
     assert load_card("llama2-7b").num_params() == 6_738_415_616
     assert load_card("gemma2-2b").num_params() == 2_614_341_888  # the published count, sandwich norms included
     assert load_card("llama3.1-8b").rope_scaling["rope_type"] == "llama3"
+    assert load_card("phi3-medium-4k").num_params() == 13_960_238_080
     with pytest.raises(ConfigError, match="unknown model card 'llama3-8'.*did you mean"):
         load_card("llama3-8")
     bad = tmp_path / "bad.yaml"
     bad.write_text("hidden_sise: 12\n")
     with pytest.raises(ConfigError, match="hidden_sise.*did you mean 'hidden_size'"):
         load_card(str(bad))
+
+
+@pytest.mark.parametrize("card", ["phi3-mini-128k", "phi3.5-mini", "phi3-medium-128k"])
+def test_longrope_cards_give_transformers_the_same_rope(card):
+    """The config.json collie writes for a longrope card: transformers' Phi-3 rotary embedding takes the short
+    factors up to position 4095 and the long ones from 4096, with the same cos/sin as collie's."""
+    from transformers.models.phi3.modeling_phi3 import Phi3RotaryEmbedding
+    args = load_card(card)
+    theirs = Phi3RotaryEmbedding(transformers.Phi3Config(**cm.Phi3ForCausalLM.hf_config(args)))
+    ours = RotaryEmbedding(args)
+    assert ours.attention_scaling == pytest.approx((1 + math.log(32) / math.log(4096)) ** 0.5)
+    for last in (4095, 4096):
+        positions = torch.tensor([[0, 1000, last]])
+        cos, sin = theirs(torch.ones(1, dtype=torch.float32), positions)
+        torch.testing.assert_close(ours(positions, torch.float32), (cos, sin), rtol=0, atol=0)

@@ -17,6 +17,8 @@ ROPE_SCALING_KEYS = {
     "dynamic": ("factor",),
     "yarn": ("factor",),
     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"),
+    # Phi-3 128k / Phi-3.5: per-frequency factors, the short ones up to original_max_position_embeddings
+    "longrope": ("short_factor", "long_factor", "original_max_position_embeddings"),
 }
 
 
@@ -97,6 +99,7 @@ class ModelArgs:
             raise ConfigError(f"head_dim={self.head_dim_} must be even for rotary embeddings")
         if self.rope_scaling is not None:
             self.rope_scaling = normalize_rope_scaling(self.rope_scaling)
+            check_longrope_factors(self.rope_scaling, self.head_dim_)
         if self.num_experts is not None and self.num_experts_per_tok > self.num_experts:
             raise ConfigError(f"num_experts_per_tok={self.num_experts_per_tok} exceeds num_experts="
                               f"{self.num_experts}; choose at most {self.num_experts}")
@@ -139,6 +142,16 @@ class ModelArgs:
         hidden, shared = self.hidden_size, self.shared_expert_intermediate_size
         experts = self.num_experts * 3 * hidden * self.moe_intermediate_size_
         return hidden * self.num_experts + experts + (3 * hidden * shared + hidden if shared else 0)
+
+
+def check_longrope_factors(scaling: dict | None, head_dim: int) -> None:
+    """longrope scales each of the head_dim / 2 rotary frequencies by its own factor."""
+    if scaling is None or scaling["rope_type"] != "longrope":
+        return
+    for key in ("short_factor", "long_factor"):
+        if len(scaling[key]) != head_dim // 2:
+            raise ConfigError(f"rope_scaling.{key} has {len(scaling[key])} entries; longrope needs one per rotary "
+                              f"frequency: head_dim / 2 = {head_dim // 2}")
 
 
 def normalize_rope_scaling(scaling: dict) -> Optional[dict]:

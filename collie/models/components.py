@@ -33,12 +33,13 @@ class RMSNorm(nn.Module):
         nn.init.ones_(self.weight)
 
 
-def rope_inv_freq(args: ModelArgs) -> tuple[torch.Tensor, float]:
+def rope_inv_freq(args: ModelArgs, seq_len: int | None = None) -> tuple[torch.Tensor, float]:
     """Inverse frequencies (fp32, CPU) and the cos/sin scale of the configured rotary embedding.
 
     The default rope is computed here; scaled types reuse transformers' ``ROPE_INIT_FUNCTIONS`` so that they
     match Hugging Face exactly. ``dynamic`` yields the unscaled frequencies, exact up to
-    ``max_position_embeddings`` (longer inputs are refused in ``RotaryEmbedding.forward``).
+    ``max_position_embeddings`` (longer inputs are refused in ``RotaryEmbedding.forward``). ``seq_len``: the
+    length the frequencies are for (longrope's long factors beyond ``original_max_position_embeddings``).
     """
     dim = args.head_dim_
     with torch.device("cpu"):  # the caller may be inside a meta-device context
@@ -49,7 +50,7 @@ def rope_inv_freq(args: ModelArgs) -> tuple[torch.Tensor, float]:
         config = LlamaConfig(hidden_size=args.hidden_size, num_attention_heads=args.num_attention_heads,
                              head_dim=dim, max_position_embeddings=args.max_position_embeddings,
                              rope_parameters={**args.rope_scaling, "rope_theta": args.rope_theta})
-        inv_freq, scale = ROPE_INIT_FUNCTIONS[args.rope_scaling["rope_type"]](config, "cpu")
+        inv_freq, scale = ROPE_INIT_FUNCTIONS[args.rope_scaling["rope_type"]](config, "cpu", seq_len=seq_len)
     return inv_freq.float(), float(scale)
 
 
@@ -57,7 +58,9 @@ class RotaryEmbedding(nn.Module):
     """cos/sin of the rotary embedding for given positions, computed in fp32 like transformers.
 
     ``inv_freq`` is a non-persistent buffer derived from the arguments: it is recomputed (in fp32) whenever
-    the module is moved or cast, so ``to_empty`` and ``.to(bfloat16)`` leave it exact.
+    the module is moved or cast, so ``to_empty`` and ``.to(bfloat16)`` leave it exact. longrope keeps a second
+    set, ``long_inv_freq``, which a forward uses for every position when its largest position reaches past
+    ``original_max_position_embeddings`` (transformers' rule, without a host sync).
     """
 
     def __init__(self, args: ModelArgs):
@@ -65,6 +68,11 @@ class RotaryEmbedding(nn.Module):
         self.args = args
         self.attention_scaling = 1.0
         self.register_buffer("inv_freq", torch.empty(args.head_dim_ // 2), persistent=False)
+        self.long_after = None  # longrope: the last position of the short factors
+        if args.rope_scaling and args.rope_scaling["rope_type"] == "longrope":
+            self.long_after = args.rope_scaling["original_max_position_embeddings"]
+        long_inv_freq = None if self.long_after is None else torch.empty(args.head_dim_ // 2)
+        self.register_buffer("long_inv_freq", long_inv_freq, persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -72,6 +80,8 @@ class RotaryEmbedding(nn.Module):
             return
         inv_freq, self.attention_scaling = rope_inv_freq(self.args)
         self.inv_freq = inv_freq.to(self.inv_freq.device)
+        if self.long_after is not None:
+            self.long_inv_freq = rope_inv_freq(self.args, self.long_after + 1)[0].to(self.inv_freq.device)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
@@ -84,7 +94,10 @@ class RotaryEmbedding(nn.Module):
         if scaling and scaling["rope_type"] == "dynamic" and length > self.args.max_position_embeddings:
             raise ValueError(f"dynamic rope scaling is implemented up to max_position_embeddings="
                              f"{self.args.max_position_embeddings}; got {length} positions")
-        freqs = position_ids[..., None].float() * self.inv_freq
+        inv_freq = self.inv_freq
+        if self.long_after is not None:  # one set for the whole batch, chosen by its largest position
+            inv_freq = torch.where(position_ids.max() >= self.long_after, self.long_inv_freq, inv_freq)
+        freqs = position_ids[..., None].float() * inv_freq
         angles = torch.cat((freqs, freqs), dim=-1)
         return (angles.cos() * self.attention_scaling).to(dtype), (angles.sin() * self.attention_scaling).to(dtype)
 

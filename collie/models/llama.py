@@ -401,14 +401,14 @@ class Phi3ForCausalLM(LlamaForCausalLM):
         factor = rope.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
         if factor != 1.0:
             raise ConfigError(f"partial_rotary_factor={factor}; collie rotates whole heads (1.0)")
-        return {"sliding_window": config.get("sliding_window")}
+        return {"sliding_window": config.get("sliding_window"), "rope_scaling": _phi3_rope_scaling(config, rope)}
 
     @classmethod
     def hf_specific_config(cls, args: ModelArgs) -> dict:
         if args.qkv_bias or args.o_bias or args.mlp_bias:
             raise _bias_error(cls, args, "no biases")
-        return {"sliding_window": args.sliding_window,
-                "original_max_position_embeddings": args.max_position_embeddings}
+        original = (args.rope_scaling or {}).get("original_max_position_embeddings", args.max_position_embeddings)
+        return {"sliding_window": args.sliding_window, "original_max_position_embeddings": original}
 
     @classmethod
     def hf_source(cls, fqn: str, args: ModelArgs):
@@ -434,6 +434,18 @@ class Phi3ForCausalLM(LlamaForCausalLM):
             if part == parts[0][0]:
                 out[f"{prefix}.{fused}.weight"] = torch.cat([state[f"{prefix}.{name}.weight"] for name, _ in parts])
         return out
+
+
+def _phi3_rope_scaling(config: dict, rope: dict) -> dict | None:
+    """Phi-3's rope_scaling: "su" and "yarn" are its old names of longrope, whose pretraining length is the
+    top-level original_max_position_embeddings (which transformers prefers to the one inside rope_scaling, and
+    defaults to 4096 as Phi3Config does)."""
+    rope = {key: value for key, value in rope.items() if key != "partial_rotary_factor"}
+    if rope.get("rope_type", rope.get("type")) not in ("longrope", "su", "yarn"):
+        return rope or None
+    rope.pop("type", None)
+    original = config.get("original_max_position_embeddings", rope.get("original_max_position_embeddings", 4096))
+    return {**rope, "rope_type": "longrope", "original_max_position_embeddings": original}
 
 
 def _phi3_fused(args: ModelArgs) -> dict:
