@@ -39,11 +39,25 @@ def forward_and_grads(model, tokens, **inputs):
     return logits.detach(), {name: p.grad.clone() for name, p in model.named_parameters()}
 
 
+def count_reads(monkeypatch) -> list:
+    """Records each construction of DocumentSegments (each one reads the ids with a host sync)."""
+    reads, init = [], DocumentSegments.__init__
+
+    def counted(self, *args, **kwargs):
+        reads.append(args)
+        init(self, *args, **kwargs)
+    monkeypatch.setattr(DocumentSegments, "__init__", counted)
+    return reads
+
+
 @pytest.mark.parametrize("window, family", [(None, {}), (4, {}), (4, GEMMA2)], ids=["causal", "window", "gemma2"])
-def test_document_ids_equal_the_dense_mask_forward_and_backward(window, family):
-    """Also with Gemma 2's soft-capped attention kernel, alternating sliding and full layers."""
+def test_document_ids_equal_the_dense_mask_forward_and_backward(window, family, monkeypatch):
+    """Also with Gemma 2's soft-capped attention kernel, alternating sliding and full layers, whose two windows
+    share one read of the documents per forward."""
     model, tokens, positions = model_and_batch(window, **family)
+    reads = count_reads(monkeypatch)
     fast = forward_and_grads(model, tokens, position_ids=positions, document_ids=document_ids(positions))
+    assert len(reads) == 1
     dense = forward_and_grads(model, tokens, position_ids=positions, attention_mask=document_causal_mask(positions))
     torch.testing.assert_close(fast[0], dense[0], rtol=0, atol=ATOL)
     for name, grad in dense[1].items():

@@ -12,6 +12,8 @@ per-document SDPA already skips every masked block; on CUDA the same loop calls 
 """
 from __future__ import annotations
 
+import copy
+
 import torch
 import torch.nn.functional as F
 
@@ -29,6 +31,13 @@ class DocumentSegments:
             bounds[row].append(index + 1)
         self.lengths = [[b - a for a, b in zip(row, row[1:] + [seq_len])] for row in bounds]
         self.sliding_window = sliding_window
+
+    def with_window(self, sliding_window: int | None) -> DocumentSegments:
+        """The same documents under another attention window, without reading the ids again (layers that mix
+        sliding and full attention share one read per forward)."""
+        segments = copy.copy(self)
+        segments.sliding_window = sliding_window
+        return segments
 
     @torch.compiler.disable  # Python loop over data-dependent lengths: a graph break, not a recompile per batch
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, kernel=None) -> torch.Tensor:

@@ -60,12 +60,13 @@ class LlamaModel(nn.Module):
         ropes = {None: self.rotary_emb(position_ids, h.dtype, past_len)}  # layer's local rope or not → cos, sin
         if self.local_rotary_emb is not None:
             ropes["local"] = self.local_rotary_emb(position_ids, h.dtype, past_len)
-        masks = {}  # one per attention window of this stage's layers
+        masks = {}  # one per attention window of this stage's layers; packed documents are read once
+        segments = None if document_ids is None else document_segments(document_ids, attention_mask, cache)
         for window in {layer.sliding_window for layer in self.layers.values()}:
-            if document_ids is None:
+            if segments is None:
                 masks[window] = build_attention_mask(attention_mask, seq_len, window, h.device, past_len)
             else:
-                masks[window] = document_segments(document_ids, attention_mask, cache, window)
+                masks[window] = segments.with_window(window)
         for name, layer in self.layers.items():
             local = "local" if self.local_rotary_emb is not None and layer.sliding_window is not None else None
             h = layer(h, *ropes[local], masks[layer.sliding_window], cache=None if cache is None else cache.layer(name))
@@ -199,15 +200,15 @@ class LlamaForCausalLM(nn.Module):
         return dict(state)
 
 
-def document_segments(document_ids: torch.Tensor, attention_mask: torch.Tensor | None, cache: KVCache | None,
-                      sliding_window: int | None) -> DocumentSegments:
+def document_segments(document_ids: torch.Tensor, attention_mask: torch.Tensor | None,
+                      cache: KVCache | None) -> DocumentSegments:
     if cache is not None:
         raise ValueError("document_ids are for training and evaluation of packed rows; decoding with a cache "
                          "takes an attention_mask")
     if attention_mask is not None and (attention_mask.dim() != 2 or not is_right_padded(attention_mask)):
         raise ValueError("with document_ids, attention_mask may only mark right padding (a 2-D mask); padding "
                          "inside a row belongs in a document of its own")
-    return DocumentSegments(document_ids, sliding_window)
+    return DocumentSegments(document_ids)
 
 
 def _param_generator(base: int, name: str, device: torch.device):
