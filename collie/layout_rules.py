@@ -291,9 +291,6 @@ def check_expert_parallel(ep: int, *, dp: int = -1, tp: int = 1, pp: int = 1, cp
     if engine != "native":
         raise ConfigError(f"{what} needs parallel.engine=native: DeepSpeed reduces every gradient over all of dp, "
                           f"but an expert's gradient is summed only over the ranks holding the same expert")
-    if fused:
-        raise ConfigError(f"{what}: optim.name={optimizer} updates inside backward and reduces each gradient over "
-                          f"all of dp; use a classic optimizer (adamw, …) or parallel.ep=1")
     if backend != "collie" or peft != "none":
         why = f"model.backend={backend}" if backend != "collie" else f"peft.method={peft}"
         raise ConfigError(f"{what} shards the experts of collie's own MoE models; {why} is not supported with it "

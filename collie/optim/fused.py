@@ -247,7 +247,10 @@ class FusedOptimizer(torch.optim.Optimizer):
 
     def _add_to_norm(self, param: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
         sq = local_sum_of_squares(grad) * self._inv_scale ** 2
-        self._norm.add(sq, self._layouts[param])  # reduced over shards once per step, in _norm.total()
+        # reduced over shards once per step, in _norm.total(); an expert under expert parallelism is held by one
+        # rank of its ep group (collie.distributed.expert_parallel tags it), so its square is summed over that too
+        expert_group = getattr(param, "expert_parallel_group", None)
+        self._norm.add(sq, self._layouts[param], () if expert_group is None else (expert_group,))
         return sq
 
     def _finish_norm(self) -> bool:

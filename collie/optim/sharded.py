@@ -129,8 +129,10 @@ class SquareSumAccumulator:
     def __init__(self):
         self._sums: dict[tuple, torch.Tensor] = {}
 
-    def add(self, sq: torch.Tensor, layout: ShardLayout) -> None:
-        key = layout.groups
+    def add(self, sq: torch.Tensor, layout: ShardLayout, extra_groups: tuple = ()) -> None:
+        """``extra_groups``: more groups whose ranks hold different parameters of this kind (an expert-parallel
+        group: each rank holds other experts), so the sum also runs over them."""
+        key = layout.groups + tuple(extra_groups)
         self._sums[key] = self._sums[key] + sq if key in self._sums else sq.clone()
 
     def total(self) -> torch.Tensor:

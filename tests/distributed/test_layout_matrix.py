@@ -65,6 +65,7 @@ FEATURES = {
     "mixtral": ["optim.name=adamw", "optim.args={eps: 1e-5}", "model.arch.architecture=mixtral",
                 "model.arch.num_experts=4", "model.arch.router_aux_loss_coef=0"],
 }
+FEATURES["mixtral_adalomo"] = [*FEATURES["mixtral"][2:], *FEATURES["adalomo"]]  # MoE with a fused optimizer
 # name -> (ranks, data-parallel degree, layout overrides)
 LAYOUTS = {
     "dp2": (2, 2, ["parallel.dp=2"]),
@@ -112,6 +113,7 @@ MATRIX = [(name, "adamw") for name in LAYOUTS if "_ep" not in name] + [
 MATRIX += [("dp2_zero3", "mixtral"), ("pp2_1f1b", "mixtral")]
 MATRIX += [("cp2", "packed"), ("cp2", "gemma2")]
 MATRIX += [("dp2_ep2", "mixtral"), ("dp2_ep2_zero3", "mixtral"), ("dp4_ep2_zero1", "mixtral")]
+MATRIX += [("dp2_ep2_zero3", "mixtral_adalomo")]
 # (saved in, resumed in): the mid-run checkpoint of the first continues in the second
 RESUMES = [("dp2_pp2_zero2", "tp2_sp"), ("tp2_sp", "single"), ("dp2x2_zero3", "dp2_zero2"), ("cp2_dp2", "cp2")]
 
