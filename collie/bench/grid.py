@@ -62,17 +62,22 @@ class BenchGridFile:
 
 
 @dataclass
-class BenchRun:
-    """One configuration to run: ``collie train base *overrides`` on ``nproc`` ranks."""
+class NamedRun:
+    """A run of the grid, under its name; ``slug`` names its output directory."""
     name: str
-    nproc: int
-    base: str
-    overrides: list[str]
-    config: CollieConfig
 
     @property
     def slug(self) -> str:
         return slug(self.name)
+
+
+@dataclass
+class BenchRun(NamedRun):
+    """One configuration to run: ``collie train base *overrides`` on ``nproc`` ranks."""
+    nproc: int
+    base: str
+    overrides: list[str]
+    config: CollieConfig
 
     def layout(self) -> str:
         p = self.config.parallel
@@ -81,16 +86,11 @@ class BenchRun:
 
 
 @dataclass
-class BaselineRun:
+class BaselineRun(NamedRun):
     """A baseline to run: ``kind`` on the setting of ``mirror``, compared with the runs named in ``against``."""
-    name: str
     kind: str
     against: list[str]
     mirror: BenchRun
-
-    @property
-    def slug(self) -> str:
-        return slug(self.name)
 
 
 def slug(name: str) -> str:
