@@ -12,6 +12,7 @@ import collie.models.hf_io as hf_io
 from collie.errors import CheckpointError, ConfigError
 from collie.models import (LlamaForCausalLM, ModelArgs, build_model, from_pretrained, iter_hf_tensors,
                            load_hf_config, load_hf_weights, save_pretrained)
+from hf_reference import perturb_constants
 from tolerance import assert_logits_close
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -21,12 +22,7 @@ IDS = torch.randint(0, 128, (2, 11), generator=torch.Generator().manual_seed(0))
 
 def hf_llama(**extra):
     torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY, **extra)).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    return model
+    return perturb_constants(transformers.LlamaForCausalLM(transformers.LlamaConfig(**TINY, **extra)).eval())
 
 
 @pytest.fixture(scope="module")

@@ -12,6 +12,7 @@ import collie.models as cm
 from collie.errors import CheckpointError, ConfigError
 from collie.models import LlamaForCausalLM, ModelArgs, build_model, get_model_class, load_card, register_model
 from collie.models.components import RotaryEmbedding
+from hf_reference import perturb_constants
 from tolerance import assert_logits_close
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,12 +68,7 @@ def hf_model(family: str):
     config = getattr(transformers, config_name)(**TINY, **extra)
     if implementation:
         config._attn_implementation = implementation
-    model = getattr(transformers, model_name)(config).eval()
-    with torch.no_grad():  # transformers initialises biases and norms to constants; make them matter
-        for name, p in model.named_parameters():
-            if name.endswith("bias") or "norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    return model
+    return perturb_constants(getattr(transformers, model_name)(config).eval())
 
 
 def left_padded_batch(seq_len=20):
