@@ -67,8 +67,9 @@ class ParallelConfig:
     cpu_offload: bool = _f(False, "offload optimizer state (and parameters at stage 3) to CPU memory")
     ep: int = _f(1, "expert-parallel degree (mixture-of-experts models): the routed experts are split over ep ranks "
                     "carved from the data-parallel ones (ep divides dp and num_experts; each rank holds "
-                    "num_experts/ep experts) and tokens reach their experts by all-to-all; composes with dp and "
-                    "ZeRO 0-3 (not yet with tp, pp, cp, HSDP or DeepSpeed)", min=1)
+                    "num_experts/ep experts) and tokens reach their experts by all-to-all; composes with dp, "
+                    "ZeRO 0-3, LOMO/AdaLomo, tp (experts replicated over tp) and pp (not yet with cp, HSDP or "
+                    "DeepSpeed)", min=1)
     sequence_parallel: bool = _f(False, "shard norms/dropout activations along the sequence over the tp group")
     pp_schedule: Literal["gpipe", "1f1b", "interleaved_1f1b"] = _f("1f1b", "pipeline schedule")
     pp_microbatches: Optional[int] = _f(None, "micro-batches per pipeline step; null = 2·pp", min=1)

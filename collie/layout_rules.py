@@ -278,16 +278,16 @@ def check_expert_parallel(ep: int, *, dp: int = -1, tp: int = 1, pp: int = 1, cp
                           engine: str = "native", fused: bool = False, optimizer: str = "adamw",
                           peft: str = "none", backend: str = "collie", cpu_offload: bool = False) -> None:
     """Expert parallelism shards the routed experts of collie's MoE families over ep ranks carved from the
-    data-parallel group. This slice runs it with data parallelism and ZeRO 0-3 (native engine)."""
+    data-parallel group of each pipeline stage and tp rank. It runs with data parallelism and ZeRO 0-3 (native
+    engine, classic or fused optimizers), tensor parallelism (experts replicated over tp) and pipeline stages."""
     if ep == 1:
         return
     what = f"parallel.ep={ep}"
-    for key, value in (("parallel.tp", tp), ("parallel.pp", pp), ("parallel.cp", cp),
-                       ("parallel.dp_replicate", dp_replicate)):
+    for key, value in (("parallel.cp", cp), ("parallel.dp_replicate", dp_replicate)):
         if value > 1:
             raise ConfigError(f"{what} does not yet compose with {key}={value}: expert parallelism runs with data "
-                              f"parallelism and ZeRO 0-3 (parallel.dp, parallel.zero_stage); set {key}=1 or "
-                              f"parallel.ep=1")
+                              f"parallelism and ZeRO 0-3, tensor and pipeline parallelism (parallel.dp, "
+                              f"parallel.zero_stage, parallel.tp, parallel.pp); set {key}=1 or parallel.ep=1")
     if engine != "native":
         raise ConfigError(f"{what} needs parallel.engine=native: DeepSpeed reduces every gradient over all of dp, "
                           f"but an expert's gradient is summed only over the ranks holding the same expert")

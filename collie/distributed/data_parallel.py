@@ -147,15 +147,18 @@ def clip_grad_norm_(params, max_norm: float, ctx, norm_type: float = 2.0) -> tor
             dist.all_reduce(total, group=ctx.pp_group)
             total = total ** (1.0 / norm_type)
     if params and not math.isinf(max_norm):
-        for group in _split_experts(params):  # torch's foreach cannot mix the experts' mesh with the others'
+        for group in _split_by_mesh(params):  # torch's foreach cannot mix meshes (experts have their own)
             torch.nn.utils.clip_grads_with_norm_(group, max_norm, total)  # takes parameters, not gradients
     return total
 
 
-def _split_experts(params) -> list[list]:
-    experts = [p for p in params if getattr(p, "expert_parallel_group", None) is not None]
-    others = [p for p in params if getattr(p, "expert_parallel_group", None) is None]
-    return [group for group in (others, experts) if group]
+def _split_by_mesh(params) -> list[list]:
+    """Parameters grouped by their DTensor mesh (plain tensors together): the routed experts of an MoE model sit
+    on their own mesh under expert parallelism, and stay plain tensors beside tensor-parallel DTensors."""
+    groups: dict = {}
+    for p in params:
+        groups.setdefault(p.device_mesh if isinstance(p, DTensor) else None, []).append(p)
+    return list(groups.values())
 
 
 def _with_expert_norm(total: torch.Tensor, params, norm_type: float, device) -> torch.Tensor:

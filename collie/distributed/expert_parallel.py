@@ -44,7 +44,7 @@ EXPERT_GROUP_ATTR = "expert_parallel_group"  # set on expert parameters: the gro
 class ExpertParallel:
     """This rank's place in the (ep_replicate, ep) grid of the data-parallel ranks."""
     ep: int
-    mesh: DeviceMesh  # ("ep_replicate", "ep")
+    mesh: DeviceMesh  # ("ep_replicate", "ep"): this rank's grid
 
     @property
     def group(self):
@@ -66,17 +66,21 @@ class ExpertParallel:
 
 
 def build_expert_parallel(ctx, ep: int) -> ExpertParallel | None:
-    """The (dp/ep, ep) grid over the data-parallel ranks (a collective: every rank calls); None for ep=1."""
+    """The (dp/ep, ep) grid over the data-parallel ranks of each (pipeline stage, tp rank) (a collective: every
+    rank calls); None for ep=1."""
     if ep == 1:
         return None
     check_expert_parallel(ep, dp=ctx.dp, tp=ctx.tp, pp=ctx.pp, cp=ctx.cp,
                           dp_replicate=ctx.dp_replicate)
-    ranks = torch.arange(ctx.world_size).reshape(ctx.dp // ep, ep)  # world == dp: tp, pp and cp are 1
-    mesh = DeviceMesh(ctx.device.type, ranks, mesh_dim_names=("ep_replicate", "ep"))
+    # world = pp × dp × tp in that order (cp and dp_replicate are 1); one grid per (pp, tp) coordinate, the
+    # grids stacked along a first dimension that only orders them
+    ranks = torch.arange(ctx.world_size).reshape(ctx.pp, ctx.dp // ep, ep, ctx.tp).permute(0, 3, 1, 2)
+    mesh = DeviceMesh(ctx.device.type, ranks.reshape(-1, ctx.dp // ep, ep),
+                      mesh_dim_names=("ep_grids", "ep_replicate", "ep"))
     from torch.distributed.distributed_c10d import _set_pg_timeout  # as collie.distributed.mesh does
     for dim in ("ep_replicate", "ep"):
         _set_pg_timeout(datetime.timedelta(seconds=ctx.cfg.timeout_s), mesh[dim].get_group())
-    return ExpertParallel(ep, mesh)
+    return ExpertParallel(ep, mesh[("ep_replicate", "ep")])  # this rank's grid
 
 
 def apply_expert_parallel(model: nn.Module, expert_parallel: ExpertParallel) -> None:

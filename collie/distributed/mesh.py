@@ -269,7 +269,7 @@ def validate_model_for_layout(args, parallel_cfg, tp: int | None = None, pp: int
         if value % tp:
             raise ConfigError(f"parallel.tp={tp} does not divide {name}={value}; choose {_divisors(value)}")
     if getattr(args, "num_experts", None):
-        _check_moe_layout(args, tp, pp, parallel_cfg.cp)
+        _check_moe_layout(args, pp, parallel_cfg.cp)
     if pp == 1:
         return
     stages = virtual_stages(parallel_cfg)
@@ -295,12 +295,10 @@ def validate_model_for_layout(args, parallel_cfg, tp: int | None = None, pp: int
                               f"1..{layers - 1} so that every stage gets at least one layer")
 
 
-def _check_moe_layout(args, tp: int, pp: int, cp: int = 1) -> None:
-    """Mixture-of-experts models: experts are not tensor-parallel, and the router losses couple every layer of a
-    forward (transformers' load-balancing loss), which pipeline stages split."""
-    if tp > 1:
-        raise ConfigError(f"parallel.tp={tp}: the experts of architecture {args.architecture} are not tensor "
-                          f"parallel; use parallel.tp=1 with data parallelism (ZeRO) or pipeline stages")
+def _check_moe_layout(args, pp: int, cp: int = 1) -> None:
+    """Mixture-of-experts models: the router losses couple every layer of a forward (transformers' load-balancing
+    loss), which pipeline stages split. (Under tensor parallelism the MoE blocks run replicated on every tp rank:
+    ``collie.distributed.tensor_parallel``.)"""
     if cp > 1 and (args.router_aux_loss_coef or args.router_z_loss_coef):
         raise ConfigError(f"parallel.cp={cp}: the router losses of architecture {args.architecture} are statistics "
                           f"over a forward's tokens, which context parallelism splits; set "

@@ -17,10 +17,12 @@ from torch import nn
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 from torch.distributed.tensor.parallel import (ColwiseParallel, ParallelStyle, PrepareModuleInput,
-                                               RowwiseParallel, SequenceParallel, parallelize_module)
+                                               PrepareModuleInputOutput, RowwiseParallel, SequenceParallel,
+                                               parallelize_module)
 
 from collie.loss import IGNORE_INDEX, causal_lm_loss_sum, shift_labels
 from collie.models.components import RMSNorm
+from collie.models.moe import SparseMoE
 
 
 def apply_tensor_parallel(model, tp_mesh, sequence_parallel: bool = False, adapt_plan=None) -> None:
@@ -32,6 +34,8 @@ def apply_tensor_parallel(model, tp_mesh, sequence_parallel: bool = False, adapt
     frozen = {name for name, param in model.named_parameters() if not param.requires_grad}
     for layer in model.model.layers.values():
         plan = _decoder_layer_plan(sequence_parallel, _layer_norms(layer), _head_norms(layer), _residual_norms(layer))
+        if isinstance(layer.mlp, SparseMoE):
+            plan = {**{k: v for k, v in plan.items() if not k.startswith("mlp")}, **_moe_plan(layer.mlp, sequence_parallel)}
         parallelize_module(layer, tp_mesh, adapt_plan(plan))
     parallelize_module(model, tp_mesh, adapt_plan(_outer_plan(model, sequence_parallel)))
     for name, param in model.named_parameters():
@@ -80,6 +84,23 @@ def _decoder_layer_plan(sequence_parallel: bool, norms: tuple[str, ...] = ("inpu
     # (batch, seq, heads, head_dim) with this rank's heads: normalized over head_dim, no communication; the weight
     # gradient is a Partial sum over the heads, all-reduced by _align_gradient_placements
     plan.update({f"self_attn.{name}": ReplicateParallel(input_placement=Shard(2)) for name in head_norms})
+    return plan
+
+
+def _moe_plan(block: SparseMoE, sequence_parallel: bool) -> dict:
+    """A mixture-of-experts block runs whole on every tp rank, on the whole (replicated) sequence: its router and
+    shared expert are replicated DTensors (``ReplicateParallel``), its routed experts stay plain tensors (expert
+    parallelism splits them over data-parallel ranks, on a mesh of its own). Every tp rank computes the same
+    output and the same gradients, so nothing is reduced over tp; with sequence parallel the block's input is
+    all-gathered along the sequence and each rank keeps its own part of the output (whose gradient is
+    all-gathered in backward)."""
+    residual = Shard(1) if sequence_parallel else Replicate()
+    plan = {"mlp": PrepareModuleInputOutput(input_layouts=(residual,), desired_input_layouts=(Replicate(),),
+                                            use_local_input=True, output_layouts=(Replicate(),),
+                                            desired_output_layouts=(residual,), use_local_output=True),
+            "mlp.gate": ReplicateParallel()}
+    if block.shared_expert is not None:
+        plan.update({"mlp.shared_expert": ReplicateParallel(), "mlp.shared_expert_gate": ReplicateParallel()})
     return plan
 
 

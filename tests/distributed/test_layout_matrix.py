@@ -102,6 +102,11 @@ LAYOUTS = {
     "dp2_ep2": (2, 2, ["parallel.dp=2", "parallel.ep=2"]),
     "dp2_ep2_zero3": (2, 2, ["parallel.dp=2", "parallel.ep=2", "parallel.zero_stage=3"]),
     "dp4_ep2_zero1": (4, 4, ["parallel.dp=4", "parallel.ep=2", "parallel.zero_stage=1"]),
+    # ... with tensor parallel attention (the MoE blocks replicated over tp, experts split over the dp ranks of
+    # each tp rank) and with pipeline stages (the stage's experts split over the dp ranks of the stage)
+    "dp2_tp2_ep2_zero3": (4, 2, ["parallel.dp=2", "parallel.tp=2", "parallel.ep=2", "parallel.zero_stage=3",
+                                 "parallel.sequence_parallel=true"]),
+    "dp2_pp2_ep2": (4, 2, ["parallel.dp=2", "parallel.pp=2", "parallel.ep=2", "parallel.pp_microbatches=2"]),
 }
 MATRIX = [(name, "adamw") for name in LAYOUTS if "_ep" not in name] + [
     ("tp2_sp", "lora"), ("pp2_1f1b", "lora"), ("dp2_zero3", "lora"),
@@ -113,7 +118,8 @@ MATRIX = [(name, "adamw") for name in LAYOUTS if "_ep" not in name] + [
 MATRIX += [("dp2_zero3", "mixtral"), ("pp2_1f1b", "mixtral")]
 MATRIX += [("cp2", "packed"), ("cp2", "gemma2")]
 MATRIX += [("dp2_ep2", "mixtral"), ("dp2_ep2_zero3", "mixtral"), ("dp4_ep2_zero1", "mixtral")]
-MATRIX += [("dp2_ep2_zero3", "mixtral_adalomo")]
+MATRIX += [("dp2_ep2_zero3", "mixtral_adalomo"), ("tp2_sp", "mixtral"), ("dp2_tp2_ep2_zero3", "mixtral"),
+           ("dp2_pp2_ep2", "mixtral")]
 # (saved in, resumed in): the mid-run checkpoint of the first continues in the second
 RESUMES = [("dp2_pp2_zero2", "tp2_sp"), ("tp2_sp", "single"), ("dp2x2_zero3", "dp2_zero2"), ("cp2_dp2", "cp2")]
 
