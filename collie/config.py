@@ -106,6 +106,9 @@ class PeftConfig:
     alpha: float = _f(16.0, "LoRA scaling numerator (scale = alpha / r)", min=0.0)
     dropout: float = _f(0.0, "LoRA dropout", min=0.0, max=1.0)
     target_modules: list[str] = _f(["q_proj", "v_proj"], "names of the linears that get adapters")
+    lora_experts: bool = _f(False, "LoRA on a mixture-of-experts model: the routed experts' target linears get "
+                                   "factors of their own per expert too (saved merged: peft cannot represent them); "
+                                   "false: attention, dense MLP and shared-expert targets only")
     num_virtual_tokens: int = _f(20, "prefix/prompt tuning: number of virtual tokens", min=1)
 
 

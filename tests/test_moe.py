@@ -1,6 +1,7 @@
 """Mixture-of-experts families (Mixtral, Qwen3-MoE, Qwen2-MoE) against transformers in fp32: logits both ways
 (collie loads what transformers saves and the reverse), the training loss with the router auxiliary loss through
-the engine's step, dropless routing, the expert-load metrics, LoRA on attention, cards and layout rules."""
+the engine's step, dropless routing, the expert-load metrics, LoRA on attention and (peft.lora_experts) on the
+routed experts, cards and layout rules."""
 import json
 import os
 
@@ -165,6 +166,63 @@ def test_trainer_reports_expert_load_and_lora_targets_attention(tmp_path):
     assert len(rows) == 2 and all(r["moe/load_max"] >= 1.0 for r in rows)
     trainable = {n for n, p in trainer.engine.model.named_parameters() if p.requires_grad}
     assert trainable and all("self_attn" in n and "lora_" in n for n in trainable)
+
+
+def test_lora_on_experts_trains_leaves_the_base_and_exports_the_merged_model(tmp_path):
+    """peft.lora_experts: every routed expert's targets get factors of their own; training moves only the factors
+    (loss falls, base weights bit-identical) and final/ holds the merged model, whose logits are the adapted
+    model's (peft cannot name per-expert factors, so no adapter is written and save_adapter says why)."""
+    from collie.peft import save_adapter
+    from collie.errors import CheckpointError
+    trainer = trainer_on("", tmp_path, "model.pretrained=null", "model.card=tiny-moe", "train.max_steps=6",
+                         "train.log_every=1", "eval.before_training=false", "eval.every_steps=0", "peft.method=lora",
+                         "peft.lora_experts=true", "peft.target_modules=[q_proj, gate_proj, down_proj]",
+                         "train.micro_batch_size=8", "optim.lr=2e-2", "data.shuffle=false")
+    model = trainer.engine.model
+    base = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    experts = model.args.num_experts * model.args.num_hidden_layers
+    assert len([n for n in trainable if ".experts." in n]) == experts * 2 * 2  # gate and down, A and B
+    assert all(n.endswith((".lora_A.weight", ".lora_B.weight")) and ".up_proj." not in n for n in trainable)
+    trainer.fit()
+    losses = [json.loads(line)["loss"] for line in open(tmp_path / "metrics.jsonl") if '"loss"' in line]
+    assert len(losses) == 6 and sum(losses[-2:]) < sum(losses[:2]) - 0.5, losses
+    for name, param in model.named_parameters():
+        if name in base:
+            assert torch.equal(param, base[name]), name
+        elif ".experts." in name and name.endswith("lora_B.weight"):
+            assert param.abs().max() > 0, name  # the experts' factors trained
+    final = tmp_path / "final"
+    assert (final / "model.safetensors").is_file() and not (final / "adapter_config.json").exists()
+    merged = cm.from_pretrained(final).eval()
+    ids = torch.randint(0, model.args.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert_logits_close(merged(ids), model.eval()(ids), model.args)
+    with pytest.raises(CheckpointError, match="peft.lora_experts=true: the routed experts' LoRA factors have no peft"):
+        save_adapter(model, tmp_path / "adapter")
+
+
+def test_lora_targets_leave_routed_experts_alone_unless_asked():
+    from collie.peft import apply_lora
+    args = ModelArgs(**{**TINY, "architecture": "qwen2_moe", "num_experts": 4, "num_experts_per_tok": 2,
+                        "moe_intermediate_size": 16, "shared_expert_intermediate_size": 24})
+    adapted = apply_lora(build_model(args, device="meta"), target_modules=["q_proj", "gate_proj"])
+    assert adapted and all(".experts." not in n for n in adapted)
+    assert any(n.endswith("shared_expert.gate_proj") for n in adapted)  # a dense MLP: adapted by default
+    adapted = apply_lora(build_model(args, device="meta"), target_modules=["up_proj"], experts=True)
+    assert len([n for n in adapted if ".experts." in n]) == 4 * TINY["num_hidden_layers"]
+    mixtral = ModelArgs(**{**TINY, "architecture": "mixtral", "num_experts": 4, "num_experts_per_tok": 2})
+    with pytest.raises(ConfigError, match=r"\['gate_proj'\] matches no linear of this model \(the routed experts' "
+                                          r"linears get adapters only with peft.lora_experts=true\)"):
+        apply_lora(build_model(mixtral, device="meta"), target_modules=["q_proj", "gate_proj"])
+    with pytest.raises(ConfigError, match="names none of the routed experts' linears; add some of down_proj, "
+                                          "gate_proj, up_proj"):
+        apply_lora(build_model(mixtral, device="meta"), target_modules=["q_proj"], experts=True)
+    with pytest.raises(ConfigError, match="this model has none"):
+        apply_lora(build_model(ModelArgs(**TINY), device="meta"), target_modules=["q_proj"], experts=True)
+    with pytest.raises(ConfigError, match="peft.lora_experts=true gives routed experts LoRA factors: set "
+                                          "peft.method=lora"):
+        CollieConfig.load(os.path.join(ROOT, "configs", "quickstart.yaml"), ["peft.lora_experts=true"])
 
 
 @pytest.mark.parametrize("card, expected", [("mixtral-8x7b", 46_702_792_704), ("qwen3-30b-a3b", 30_532_122_624),

@@ -79,7 +79,8 @@ def _trained_model(saved: dict, state_file: str):
     peft = (saved.get("config") or {}).get("peft") or {}
     method = peft.get("method", "none")
     if method == "lora":
-        apply_lora(model, peft["r"], peft["alpha"], peft.get("dropout", 0.0), peft["target_modules"])
+        apply_lora(model, peft["r"], peft["alpha"], peft.get("dropout", 0.0), peft["target_modules"],
+                   experts=peft.get("lora_experts", False))
     elif method != "none":
         raise CheckpointError(f"{state_file}: a checkpoint of a peft.method={method} run cannot be exported as a "
                               f"model (its adapter is peft's); the run's final/ directory holds the adapter")

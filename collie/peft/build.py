@@ -7,7 +7,7 @@ import os
 from collie.errors import ConfigError
 from collie.models import build_model
 from collie.peft.adapters import HF_PEFT_METHODS, PeftCausalLM, apply_hf_peft
-from collie.peft.export import save_adapter
+from collie.peft.export import merged_state_dict, save_adapter
 from collie.peft.lora import LLAMA_LINEARS, apply_lora
 from collie.schema import suggest
 
@@ -20,7 +20,8 @@ def apply_peft(model, peft_cfg, seed: int = 0, world_size: int = 1):
     method = peft_cfg.method
     if method == "lora":
         _check_lora_exportable(model, peft_cfg.target_modules)
-        apply_lora(model, peft_cfg.r, peft_cfg.alpha, peft_cfg.dropout, peft_cfg.target_modules, seed)
+        apply_lora(model, peft_cfg.r, peft_cfg.alpha, peft_cfg.dropout, peft_cfg.target_modules, seed,
+                   peft_cfg.lora_experts)
     elif method in HF_PEFT_METHODS:
         if world_size > 1:
             raise ConfigError(f"{_one_process(method)}; this job has {world_size} processes")
@@ -45,18 +46,31 @@ def save_trained(model, path, pretrained=None, state_dict: dict | None = None) -
     ``pretrained``; when the base was randomly initialised (``pretrained`` is None) its weights exist nowhere
     else, so they are written to ``path/base_model`` and the adapter points there. ``state_dict``: the gathered
     full state (several processes; ``model`` is then a full meta-device model with the same adapters).
+    LoRA with ``peft.lora_experts``: the merged model (peft has no form for per-expert factors).
     Returns what was written, for the log."""
     if not (isinstance(model, PeftCausalLM) or hasattr(model, "lora_spec")):
         if state_dict is not None:
             model.load_state_dict(state_dict, assign=True)
         model.save_pretrained(path)
         return "model"
+    if getattr(model, "lora_spec", None) is not None and model.lora_spec.experts:
+        _save_merged(model, path, state_dict)
+        return "model with its LoRA adapter merged (peft cannot represent the routed experts' factors)"
     base = pretrained
     if base is None:
         base = os.path.join(path, "base_model")
         _save_base(model, base, state_dict)
     save_peft(model, path, base, state_dict)
     return f"adapter (base model {base})"
+
+
+def _save_merged(model, path, state_dict: dict | None) -> None:
+    """The adapted model with its factors folded into the base weights, as a Hugging Face model directory (the
+    training model is left as it is)."""
+    state = state_dict if state_dict is not None else model.state_dict()
+    merged = build_model(model.args, device="meta")
+    merged.load_state_dict(merged_state_dict(state, model.lora_spec.scale), assign=True)
+    merged.save_pretrained(path)
 
 
 def _save_base(model, path, state_dict: dict | None) -> None:
@@ -72,6 +86,9 @@ def _save_base(model, path, state_dict: dict | None) -> None:
 def validate_peft_config(cfg) -> None:
     """Config-load checks of the ``peft`` section against the rest of ``cfg`` (a ``CollieConfig``)."""
     method = cfg.peft.method
+    if cfg.peft.lora_experts and method != "lora":
+        raise ConfigError(f"peft.lora_experts=true gives routed experts LoRA factors: set peft.method=lora (it is "
+                          f"{method}) or peft.lora_experts=false")
     if method in ("lora", "ia3") and cfg.model.backend == "hf" and not cfg.peft.target_modules:
         raise ConfigError("peft.target_modules is empty; name linears of the model (their last name component)")
     elif method in ("lora", "ia3") and cfg.model.backend != "hf":  # a transformers model: checked when built

@@ -39,6 +39,12 @@ def save_adapter(model, directory, base_model_dir=None, state_dict: dict | None 
     instead of the model's own (e.g. ``collie.distributed.gather_full_state_dict`` on rank 0, where ``model``
     may be one pipeline stage); only its LoRA entries are used."""
     spec = _lora_spec(model)
+    if spec.experts:
+        raise CheckpointError("peft.lora_experts=true: the routed experts' LoRA factors have no peft equivalent "
+                              "(transformers holds each layer's experts as fused 3-D tensors, gate_up_proj and "
+                              "down_proj, so a per-expert adapter on gate_proj/up_proj/down_proj cannot be named "
+                              "for peft); save the merged model instead (collie.peft.save_trained does, as does "
+                              "collie convert of the run's checkpoint)")
     state = lora_state_dict(model) if state_dict is None else \
         {k: v for k, v in state_dict.items() if k.endswith(_FACTORS)}
     tensors = {_peft_key(model, name): t.detach().cpu().contiguous() for name, t in state.items()}
@@ -82,6 +88,21 @@ def _peft_config(spec, targets: list[str], base_model_dir) -> dict:
 
 
 # --- loading and merging ---------------------------------------------------------------------------------
+
+@torch.no_grad()
+def merged_state_dict(state: dict, scale: float) -> dict:
+    """``state`` (a LoRA model's full state dict) with every factor pair folded into its base weight
+    (W + scale · B·A in fp32, rounded to W's dtype) and the factors dropped: the plain model's state dict. Leaves
+    ``state``'s tensors unchanged."""
+    merged = {k: v for k, v in state.items() if ".lora_" not in k}
+    for key in state:
+        if key.endswith(".lora_A.weight"):
+            linear = key.removesuffix(".lora_A.weight")
+            weight = state[f"{linear}.weight"]
+            delta = state[f"{linear}.lora_B.weight"].float() @ state[key].float() * scale
+            merged[f"{linear}.weight"] = (weight.float() + delta).to(weight.dtype)
+    return merged
+
 
 def load_adapter(model, directory) -> list[str]:
     """Apply the LoRA adapter saved in ``directory`` (peft format, e.g. from ``save_adapter`` or peft's own

@@ -16,6 +16,7 @@ the tensor-parallel plan with ``lora_tensor_parallel_plan`` and the factors foll
 from __future__ import annotations
 
 import math
+import re
 import zlib
 from dataclasses import dataclass
 
@@ -29,6 +30,8 @@ from collie.errors import ConfigError
 # Every linear of a Llama-family decoder, by the last component of its name.
 LLAMA_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head")
 _LORA_CHILDREN = ("lora_A", "lora_B", "lora_dropout")
+# a routed expert's modules (collie.models.moe: ``…mlp.experts.<index>.gate_proj``, also under expert parallelism)
+ROUTED_EXPERT = re.compile(r"(^|\.)experts\.\d+\.")
 
 
 @dataclass(frozen=True)
@@ -38,6 +41,7 @@ class LoraSpec:
     alpha: float
     dropout: float
     target_modules: tuple[str, ...]
+    experts: bool = False  # the routed experts' target linears are adapted too (peft.lora_experts)
 
     @property
     def scale(self) -> float:
@@ -45,12 +49,14 @@ class LoraSpec:
 
 
 def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float = 0.0,
-               target_modules=("q_proj", "v_proj"), seed: int = 0) -> list[str]:
+               target_modules=("q_proj", "v_proj"), seed: int = 0, experts: bool = False) -> list[str]:
     """Add LoRA factors to every linear whose last name component is in ``target_modules`` and freeze all
-    other parameters. Works on a model on any device, meta included (then the factors are left for a state
-    dict or ``lora_initial_state`` to fill). Returns the names of the adapted linears."""
-    spec = LoraSpec(r, float(alpha), float(dropout), tuple(target_modules))
-    targets = _find_targets(model, spec.target_modules)
+    other parameters. A mixture-of-experts model's routed experts (``…experts.<i>.…``) are left alone unless
+    ``experts``: then each routed expert gets factors of its own. Works on a model on any device, meta included
+    (then the factors are left for a state dict or ``lora_initial_state`` to fill). Returns the names of the
+    adapted linears."""
+    spec = LoraSpec(r, float(alpha), float(dropout), tuple(target_modules), experts)
+    targets = _find_targets(model, spec.target_modules, experts)
     for param in model.parameters():
         param.requires_grad_(False)
     for name in targets:
@@ -61,20 +67,37 @@ def apply_lora(model: nn.Module, r: int = 8, alpha: float = 16.0, dropout: float
     return targets
 
 
-def _find_targets(model: nn.Module, target_modules: tuple[str, ...]) -> list[str]:
+def _find_targets(model: nn.Module, target_modules: tuple[str, ...], experts: bool = False) -> list[str]:
     linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
+    routed = {name.rsplit(".", 1)[-1] for name in linears if ROUTED_EXPERT.search(name)}
+    if experts:
+        _check_expert_targets(routed, target_modules)
+    else:
+        linears = {name: m for name, m in linears.items() if not ROUTED_EXPERT.search(name)}
     available = sorted({name.rsplit(".", 1)[-1] for name in linears})
     unknown = [t for t in target_modules if t not in available]
     others = {name.rsplit(".", 1)[-1]: type(m).__name__ for name, m in model.named_modules()
-              if name.rsplit(".", 1)[-1] in unknown}
+              if name.rsplit(".", 1)[-1] in unknown and not isinstance(m, nn.Linear)}
     if others:  # e.g. GPT-2's c_attn, a transformers Conv1D
         name, kind = next(iter(others.items()))
         raise ConfigError(f"peft.target_modules: {name} is a {kind}, not a torch.nn.Linear; collie's LoRA adapts "
                           f"linears only: choose from {', '.join(available) or 'none (this model has no linears)'}")
     if unknown or not target_modules:
+        hint = "" if experts or not set(unknown) & routed else \
+            " (the routed experts' linears get adapters only with peft.lora_experts=true)"
         raise ConfigError(f"peft.target_modules={list(target_modules)}: {unknown or 'empty'} matches no linear of "
-                          f"this model; its linears are {', '.join(available)}")
+                          f"this model{hint}; its linears are {', '.join(available)}")
     return [name for name in linears if name.rsplit(".", 1)[-1] in target_modules]
+
+
+def _check_expert_targets(routed: set[str], target_modules: tuple[str, ...]) -> None:
+    """peft.lora_experts=true needs routed experts and a target among their linears."""
+    if not routed:
+        raise ConfigError("peft.lora_experts=true adapts routed experts, but this model has none (collie's "
+                          "mixture-of-experts architectures: mixtral, qwen2_moe, qwen3_moe); set it to false")
+    if not routed & set(target_modules):
+        raise ConfigError(f"peft.lora_experts=true, but peft.target_modules={list(target_modules)} names none of "
+                          f"the routed experts' linears; add some of {', '.join(sorted(routed))}")
 
 
 def _add_factors(linear: nn.Linear, spec: LoraSpec) -> None:
