@@ -291,10 +291,10 @@ def check_expert_parallel(ep: int, *, dp: int = -1, tp: int = 1, pp: int = 1, cp
     if engine != "native":
         raise ConfigError(f"{what} needs parallel.engine=native: DeepSpeed reduces every gradient over all of dp, "
                           f"but an expert's gradient is summed only over the ranks holding the same expert")
-    if backend != "collie" or peft != "none":
+    if backend != "collie" or peft not in ("none", "lora"):  # LoRA factors of an expert stay with it
         why = f"model.backend={backend}" if backend != "collie" else f"peft.method={peft}"
         raise ConfigError(f"{what} shards the experts of collie's own MoE models; {why} is not supported with it "
-                          f"yet: use model.backend=collie and peft.method=none, or parallel.ep=1")
+                          f"yet: use model.backend=collie and peft.method=none or lora, or parallel.ep=1")
     if cpu_offload:
         raise ConfigError(f"{what} does not yet compose with parallel.cpu_offload=true; set one of them off")
     if dp > 0:

@@ -38,7 +38,7 @@ def test_checkpoint_resumes_at_another_ep_degree(saved_in, resumed_in, reference
 @pytest.mark.parametrize("kwargs, message", [
     (dict(cp=2), "parallel.cp=2"),
     (dict(dp_replicate=2), "parallel.dp_replicate=2"), (dict(engine="deepspeed"), "engine=native"),
-    (dict(peft="lora"), "peft.method=lora"),
+    (dict(peft="ia3"), "peft.method=ia3"),
     (dict(backend="hf"), "model.backend=hf"), (dict(cpu_offload=True), "cpu_offload"),
     (dict(dp=3), "does not divide parallel.dp=3"),
 ])
@@ -46,6 +46,7 @@ def test_layout_rules_refuse_what_ep_does_not_run_with(kwargs, message):
     with pytest.raises(ConfigError, match=message.replace(".", r"\.")):
         check_expert_parallel(2, **{"dp": 2, **kwargs})
     check_expert_parallel(2, dp=4)
+    check_expert_parallel(2, dp=2, peft="lora")  # adapters stay with their experts (layout matrix)
     check_expert_parallel(2, dp=2, tp=2, pp=2, fused=True, optimizer="adalomo")  # these compose (layout matrix)
     check_expert_parallel(1, cp=2)  # ep=1: nothing to check
 
