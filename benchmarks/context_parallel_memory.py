@@ -29,7 +29,7 @@ def setup(seq: int):
 
 
 def step(model, batch, plan) -> None:
-    from collie.distributed.context_parallel import token_loss_sum
+    from collie.loss import token_loss_sum
     from collie.loss import causal_lm_loss_sum
     if plan is None:
         loss = causal_lm_loss_sum(model(batch["input_ids"]), batch["labels"])

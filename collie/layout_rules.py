@@ -149,15 +149,14 @@ def check_dp_replicate(dp_replicate: int, dp: int, zero_stage: int, engine: str 
 def check_context_parallel(cp: int, tp: int = 1, pp: int = 1, engine: str = "native", peft: str = "none",
                            backend: str = "collie", loss_chunk_size: int = 0) -> None:
     """Context parallelism splits each sequence over ``cp`` ranks and all-gathers keys/values in every attention
-    layer of collie's own models. This slice runs it with data parallelism and ZeRO 0-3 (native engine)."""
+    layer of collie's own models. It runs with data parallelism, ZeRO 0-3 and tensor parallelism (native engine)."""
     if cp == 1:
         return
     what = f"parallel.cp={cp}"
-    if tp > 1 or pp > 1:
-        key = "parallel.tp" if tp > 1 else "parallel.pp"
-        raise ConfigError(f"{what} does not yet compose with {key}={tp if tp > 1 else pp}: context parallelism "
-                          f"runs with data parallelism and ZeRO 0-3 (parallel.dp, parallel.zero_stage); set "
-                          f"parallel.tp=1 and parallel.pp=1, or parallel.cp=1")
+    if pp > 1:
+        raise ConfigError(f"{what} does not yet compose with parallel.pp={pp}: context parallelism runs with data "
+                          f"parallelism, ZeRO 0-3 and tensor parallelism (parallel.dp, parallel.zero_stage, "
+                          f"parallel.tp); set parallel.pp=1 or parallel.cp=1")
     if engine != "native":
         raise ConfigError(f"{what} needs parallel.engine=native: DeepSpeed reduces gradients over its own "
                           f"data-parallel group, which does not include the cp ranks")

@@ -17,7 +17,11 @@ def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tens
     Dividing by the token count of the whole optimizer step (all micro-batches, all data-parallel ranks)
     gives the same gradient as one large batch, whatever the padding.
     """
-    targets = shift_labels(labels)
+    return token_loss_sum(logits, shift_labels(labels))
+
+
+def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Summed cross-entropy (fp32) of already shifted ``targets`` (IGNORE_INDEX: no loss)."""
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
                            reduction="sum")
 

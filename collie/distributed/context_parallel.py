@@ -6,20 +6,24 @@ Load balance: the (padded) sequence is cut into 2·cp equal chunks and cp rank r
 splits token ids, positions and next-token targets before the model runs (``ContextParallel.shard``); the model
 itself is unchanged: ``apply`` replaces the ``kernel(q, k, v, mask)`` of every decoder layer's attention with one
 that gathers k/v of the whole sequence (differentiable: funcol's all-gather, whose backward reduce-scatters the k/v
-gradients to their owners) and attends this rank's queries to them under a mask by *global* positions: causal,
-the padding, the layer's sliding window and, with ``data.document_masking``, the documents of packed rows.
+gradients to their owners) and attends this rank's queries to them by *global* positions. Plain causal SDPA on CPU
+needs no mask: each chunk attends its own block causally and the keys before it fully, merged by log-sum-exp
+(``chunked_causal_attention``). Everything else (padding that is not at the right, a sliding window shorter than the
+sequence, packed documents with ``data.document_masking``, soft-capped scores, CUDA) runs the layer's own kernel
+under one (s/cp × s) mask per forward.
 
-All-gather rather than ring attention: it is exact with any mask and any kernel (soft-capped scores included),
-needs no online-softmax merge of partial results, and k/v are small under GQA (kv_heads/heads of the queries).
-Ring attention would overlap the exchange with compute; torch's ``context_parallel`` only handles CUDA SDPA ops
-and cannot run on CPU/gloo. Outside a split (generation, full-logit evaluation) the kernel is the model's own
-and every cp rank runs the whole sequence (the model is replicated over cp).
+All-gather rather than ring attention: exact with any mask and any kernel, and k/v are small under GQA
+(kv_heads/heads of the queries), so the gathered copy costs less than the queries a rank holds. Ring attention
+would overlap the exchange with compute; torch's ``context_parallel`` only handles CUDA SDPA ops and cannot run on
+CPU/gloo. Under tensor parallelism each tp rank gathers its own heads over its cp group; with sequence parallelism
+the rank's share is padded to a multiple of tp. Outside a split (generation, full-logit evaluation) the kernel is
+the model's own and every cp rank runs the whole sequence (the model is replicated over cp).
 """
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from functools import partial
+from functools import cached_property, partial
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +31,7 @@ from torch.distributed._functional_collectives import all_gather_single_autograd
 
 from collie.data.pretrain import document_ids
 from collie.loss import IGNORE_INDEX, shift_labels
+from collie.models.attention_kernels import chunked_causal_attention
 from collie.models.components import is_right_padded
 
 
@@ -40,23 +45,48 @@ def shard_positions(seq_len: int, cp: int, rank: int, device=None) -> torch.Tens
 @dataclass
 class SequenceShard:
     """This rank's share of a micro-batch and what its attention needs: ``input_ids``, ``position_ids`` and next-
-    token ``targets`` of the local positions (b, s/cp); the allowed (local query × gathered key) pairs."""
+    token ``targets`` of the local positions (b, s/cp); which (local query × gathered key) pairs may attend."""
     input_ids: torch.Tensor
     position_ids: torch.Tensor
     targets: torch.Tensor
-    allowed: torch.Tensor  # (b|1, 1, s/cp, s) without the sliding window
     query_positions: torch.Tensor
     key_positions: torch.Tensor  # global position of each gathered key (the ranks' shards, in rank order)
+    padding: torch.Tensor | None  # (b, s) padding mask when it is not right padding
+    documents: torch.Tensor | None  # (b, s) document ids with data.document_masking
     _masks: dict = field(default_factory=dict)
 
+    @property
+    def causal(self) -> bool:
+        """Plain causal attention by global position: no mask is needed (``chunked_causal_attention``)."""
+        return self.padding is None and self.documents is None
+
+    @cached_property
+    def chunk_starts(self) -> list[int]:
+        """Global start of each of this rank's two chunks."""
+        chunk = len(self.query_positions) // 2
+        return [int(self.query_positions[0]), int(self.query_positions[chunk])]
+
+    @cached_property
+    def key_order(self) -> torch.Tensor:
+        """The permutation that puts gathered keys in global order."""
+        return self.key_positions.argsort()
+
     def mask(self, window: int | None, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """The mask of a layer with this attention window (None: full causal), built once per forward: boolean,
-        or with ``dtype`` additive (0 / -inf). SDPA converts a boolean mask to an additive one in every call and
-        saves the copy for backward, once per layer; an additive mask of the query dtype is saved by reference."""
+        """The (b|1, 1, s/cp, s) mask of a layer with this attention window (None: full causal), built once per
+        forward: boolean, or with ``dtype`` additive (0 / -inf). SDPA converts a boolean mask to an additive one in
+        every call and saves the copy for backward, once per layer; an additive mask of the query dtype is saved
+        by reference."""
         if (window, dtype) not in self._masks:
-            allowed = self.allowed
+            queries, keys = self.query_positions[:, None], self.key_positions[None]
+            allowed = (keys <= queries)[None]  # (1, q, k): causal by global position
             if window is not None:
-                allowed = allowed & (self.key_positions[None] > self.query_positions[:, None] - window)
+                allowed = allowed & (keys > queries - window)
+            if self.padding is not None:  # real tokens never see the right padding after them
+                allowed = allowed & self.padding.bool()[:, None, self.key_positions]
+            if self.documents is not None:
+                docs = self.documents
+                allowed = allowed & (docs[:, self.query_positions, None] == docs[:, None, self.key_positions])
+            allowed = (allowed | (keys == queries)[None])[:, None]  # a query always sees itself
             if dtype is not None:
                 allowed = torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill(
                     ~allowed, float("-inf"))
@@ -68,8 +98,11 @@ class ContextParallel:
     """The plan of one cp group: applied once to a model (``apply``), then each forward that should run split
     goes through ``shard`` and ``attending``."""
 
-    def __init__(self, cp_mesh):
+    def __init__(self, cp_mesh, sequence_multiple: int = 1):
+        """``sequence_multiple``: what each rank's share must be a multiple of (tp under sequence parallelism,
+        which splits it again over the tp ranks)."""
         self.mesh, self.cp, self.rank = cp_mesh, cp_mesh.size(), cp_mesh.get_local_rank()
+        self.sequence_multiple = sequence_multiple
         self._shard: SequenceShard | None = None
 
     def apply(self, model: torch.nn.Module) -> None:
@@ -77,20 +110,20 @@ class ContextParallel:
         from collie.models.hf_backend import decoder_layers
         for layer in decoder_layers(model).values():
             attention = layer.self_attn
-            additive = getattr(attention, "softcap", None) is None  # SDPA; the soft-capping kernel takes booleans
-            attention.kernel = partial(self._attend, attention.kernel, getattr(layer, "sliding_window", None),
-                                       additive)
+            sdpa = getattr(attention, "softcap", None) is None  # the soft-capping kernel is a kernel of its own
+            attention.kernel = partial(self._attend, attention.kernel, getattr(layer, "sliding_window", None), sdpa,
+                                       getattr(attention, "scale", None))
 
     def shard(self, batch: dict, document_masking: bool = False) -> SequenceShard:
         """Split a collated batch (``input_ids``, ``labels``, ``attention_mask``, ``position_ids``) for this rank.
-        The sequence is right-padded to a multiple of 2·cp (padding tokens have no loss and no real token sees
+        The sequence is right-padded to a multiple of 2·cp·``sequence_multiple`` (padding tokens have no loss and no real token sees
         them); the targets are shifted before the split, so no next-token pair is lost at a chunk boundary."""
         input_ids, padding = batch["input_ids"], batch["attention_mask"]
         positions = batch.get("position_ids")
         if positions is None:
             positions = torch.arange(input_ids.shape[1], device=input_ids.device).expand_as(input_ids)
         targets = shift_labels(batch["labels"])
-        extra = -input_ids.shape[1] % (2 * self.cp)
+        extra = -input_ids.shape[1] % (2 * self.cp * self.sequence_multiple)
         if extra:
             input_ids, padding = F.pad(input_ids, (0, extra)), F.pad(padding, (0, extra))
             targets = F.pad(targets, (0, extra), value=IGNORE_INDEX)
@@ -98,14 +131,9 @@ class ContextParallel:
         seq_len, device = input_ids.shape[1], input_ids.device
         mine = shard_positions(seq_len, self.cp, self.rank, device)
         keys = torch.cat([shard_positions(seq_len, self.cp, r, device) for r in range(self.cp)])
-        allowed = (keys[None] <= mine[:, None])[None]  # (1, q, k): causal by global position
-        if not is_right_padded(padding):  # real tokens never see the right padding after them
-            allowed = allowed & padding.bool()[:, None, keys]
-        if document_masking:
-            docs = document_ids(positions)
-            allowed = allowed & (docs[:, mine, None] == docs[:, None, keys])
-        allowed = (allowed | (keys[None] == mine[:, None])[None])[:, None]  # a query always sees itself
-        return SequenceShard(input_ids[:, mine], positions[:, mine], targets[:, mine], allowed, mine, keys)
+        return SequenceShard(input_ids[:, mine], positions[:, mine], targets[:, mine], mine, keys,
+                             None if is_right_padded(padding) else padding,
+                             document_ids(positions) if document_masking else None)
 
     @contextlib.contextmanager
     def attending(self, shard: SequenceShard):
@@ -116,18 +144,18 @@ class ContextParallel:
         finally:
             self._shard = None
 
-    def _attend(self, kernel, window, additive: bool, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    def _attend(self, kernel, window, sdpa: bool, scale, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 mask) -> torch.Tensor:
         """``kernel`` over k/v of the whole sequence; ``mask`` (built by the model from local indices) is
-        replaced by the shard's mask by global positions. Unsplit forwards call ``kernel`` as it is."""
+        replaced by the shard's mask by global positions. Unsplit forwards call ``kernel`` as it is. Plain causal
+        SDPA layers on CPU need no mask at all: ``chunked_causal_attention`` over the keys in global order."""
         if self._shard is None:
             return kernel(q, k, v, mask)
+        shard = self._shard
         k = all_gather_single_autograd(k.contiguous(), 2, self.mesh)
         v = all_gather_single_autograd(v.contiguous(), 2, self.mesh)
-        return kernel(q, k, v, self._shard.mask(window, q.dtype if additive else None))
-
-
-def token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Summed cross-entropy (fp32) of already shifted ``targets`` (IGNORE_INDEX: no loss)."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE_INDEX,
-                           reduction="sum")
+        if sdpa and shard.causal and q.device.type == "cpu" and (window is None or window >= k.shape[2]):
+            order = shard.key_order
+            return chunked_causal_attention(q, k.index_select(2, order), v.index_select(2, order),
+                                            shard.chunk_starts, scale)
+        return kernel(q, k, v, shard.mask(window, q.dtype if sdpa else None))

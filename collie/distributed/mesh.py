@@ -268,6 +268,10 @@ def validate_model_for_layout(args, parallel_cfg, tp: int | None = None, pp: int
                         ("vocab_size", args.vocab_size), ("intermediate_size", args.intermediate_size)):
         if value % tp:
             raise ConfigError(f"parallel.tp={tp} does not divide {name}={value}; choose {_divisors(value)}")
+    if parallel_cfg.cp > 1 and (args.rope_scaling or {}).get("rope_type") == "longrope":
+        raise ConfigError(f"parallel.cp={parallel_cfg.cp}: longrope (model.arch.rope_scaling) picks its short or long "
+                          f"factors from the largest position of the whole sequence, which a cp rank does not hold; "
+                          f"use parallel.cp=1 or a model without longrope scaling")
     if getattr(args, "num_experts", None):
         _check_moe_layout(args, pp, parallel_cfg.cp)
     if pp == 1:

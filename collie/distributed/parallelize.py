@@ -102,7 +102,8 @@ def parallelize(model, args, parallel_cfg, ctx, device, init_fn: Callable[[], di
         parts, stage_ids = [model], [0]
     check_cpu_offload(parallel_cfg.cpu_offload, parallel_cfg.zero_stage, parallel_cfg.engine, ctx.gradient_ranks,
                       ctx.world_size)
-    context_parallel = ContextParallel(ctx.cp_mesh) if ctx.cp > 1 else None
+    context_parallel = (ContextParallel(ctx.cp_mesh, ctx.tp if parallel_cfg.sequence_parallel else 1)
+                        if ctx.cp > 1 else None)
     for part in parts:
         if ctx.tp > 1:
             apply_tensor_parallel(part, ctx.tp_mesh, parallel_cfg.sequence_parallel, _plan_adapter(part))

@@ -20,7 +20,7 @@ from torch.distributed.tensor.parallel import (ColwiseParallel, ParallelStyle, P
                                                PrepareModuleInputOutput, RowwiseParallel, SequenceParallel,
                                                parallelize_module)
 
-from collie.loss import IGNORE_INDEX, causal_lm_loss_sum, shift_labels
+from collie.loss import IGNORE_INDEX, shift_labels, token_loss_sum
 from collie.models.components import RMSNorm
 from collie.models.moe import SparseMoE
 
@@ -197,14 +197,18 @@ def vocab_parallel_loss_sum(logits: torch.Tensor, labels: torch.Tensor) -> torch
 
     Returns a plain scalar, equal on every tp rank; its backward needs no context manager. Communication: three
     all-reduces of (tokens,)-sized tensors over the tp group; the (tokens, vocab) logits are never gathered."""
+    return vocab_parallel_token_loss_sum(logits, shift_labels(labels))
+
+
+def vocab_parallel_token_loss_sum(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """``vocab_parallel_loss_sum`` of already shifted ``targets`` (context parallelism shifts before its split)."""
     if not isinstance(logits, DTensor):
-        return causal_lm_loss_sum(logits, labels)
+        return token_loss_sum(logits, targets)
     if logits.device_mesh.ndim != 1 or logits.placements[0] != Shard(logits.ndim - 1):
-        return causal_lm_loss_sum(logits.full_tensor(), labels)
+        return token_loss_sum(logits.full_tensor(), targets)
     local = logits.to_local()
     _, offset = compute_local_shape_and_global_offset(logits.shape, logits.device_mesh, logits.placements)
-    targets = shift_labels(labels).flatten()
-    return _VocabParallelCrossEntropySum.apply(local.flatten(0, -2), targets, offset[-1],
+    return _VocabParallelCrossEntropySum.apply(local.flatten(0, -2), targets.flatten(), offset[-1],
                                                logits.device_mesh.get_group())
 
 

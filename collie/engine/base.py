@@ -22,7 +22,7 @@ import torch
 from collie.builders import compute_dtype
 from collie.data.pretrain import document_ids
 from collie.distributed import barrier, full_logits, gather_full_state_dict, vocab_parallel_loss_sum
-from collie.distributed.context_parallel import token_loss_sum
+from collie.distributed.tensor_parallel import vocab_parallel_token_loss_sum
 from collie.distributed.data_parallel import set_gradient_sync
 from collie.engine import state as named_state
 from collie.engine.updates import StepResult
@@ -133,7 +133,7 @@ class Engine:
         shard = self.context_parallel.shard(batch, self.cfg.data.document_masking)
         with self.context_parallel.attending(shard), self.autocast():
             logits = self.model(shard.input_ids, position_ids=shard.position_ids)
-        return token_loss_sum(logits, shard.targets)
+        return vocab_parallel_token_loss_sum(logits, shard.targets)
 
     def training_loss_sum(self, batch: dict) -> torch.Tensor:
         """Summed token loss to backpropagate: the vocab-parallel loss, or with ``train.loss_chunk_size`` the LM

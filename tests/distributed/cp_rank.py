@@ -10,13 +10,13 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
-from collie.distributed.context_parallel import ContextParallel, token_loss_sum
+from collie.distributed.context_parallel import ContextParallel
 from collie.distributed.launch import write_rank_result
-from collie.loss import causal_lm_loss_sum
+from collie.loss import causal_lm_loss_sum, token_loss_sum
 from collie.models import ModelArgs, build_model
 
 SEED, BATCH, VOCAB = 7, 2, 128
-# name -> (architecture overrides, sequence length, packed documents, right padding)
+# name -> (architecture overrides, sequence length, packed documents, right padding); the first two need no mask
 CASES = {
     "causal": ({}, 16, False, False),
     "padded_odd_length": ({}, 13, False, True),  # padded to a multiple of 2·cp inside the split
@@ -78,7 +78,8 @@ def run(case: str, mesh) -> dict:
         grad_diff = max(grad_diff, (p.grad - expected_grads[name]).abs().max().item())
     unsplit = causal_lm_loss_sum(model(data["input_ids"], position_ids=data["position_ids"]), data["labels"])
     return {"loss": total.item(), "expected_loss": expected_loss.item(), "grad_diff": grad_diff,
-            "tokens": shard.input_ids.shape[1], "unsplit_runs_whole": unsplit.shape == ()}
+            "tokens": shard.input_ids.shape[1], "unsplit_runs_whole": unsplit.shape == (),
+            "masked": bool(shard._masks)}
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import os
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from collie import layout_rules as rules
 from collie.config import CollieConfig, ParallelConfig
@@ -14,6 +15,7 @@ from collie.distributed.context_parallel import shard_positions
 from collie.distributed.launch import run_distributed
 from collie.errors import ConfigError
 from collie.models import ModelArgs
+from collie.models.attention_kernels import chunked_causal_attention
 
 import cp_rank
 
@@ -21,6 +23,27 @@ pytestmark = pytest.mark.distributed
 RANK_SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cp_rank.py")
 QUICKSTART = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                           "configs", "quickstart.yaml")
+
+
+@pytest.mark.parametrize("dtype, atol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
+def test_chunked_causal_attention_equals_causal_attention(dtype, atol):
+    """Every rank's two chunks, attended without a mask and merged by log-sum-exp, give the outputs and (summed
+    over ranks) the gradients of one causal SDPA; fp32: the merge rounds once per block of 8 keys × 4 rows."""
+    cp, chunk = 3, 8
+    generator = torch.Generator().manual_seed(0)
+    q, k, v, grad = (torch.randn(2, heads, 2 * cp * chunk, 16, generator=generator, dtype=dtype)
+                     for heads in (8, 4, 4, 8))
+    expected = [t.clone().requires_grad_() for t in (q, k, v)]
+    reference = F.scaled_dot_product_attention(*expected, is_causal=True, enable_gqa=True)
+    reference.backward(grad)
+    q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+    for rank in range(cp):
+        held = shard_positions(2 * cp * chunk, cp, rank)
+        out = chunked_causal_attention(q[:, :, held], k, v, [int(held[0]), int(held[chunk])])
+        out.backward(grad[:, :, held])
+        torch.testing.assert_close(out, reference[:, :, held], atol=atol, rtol=0)
+    for got, want in zip((q, k, v), expected):
+        torch.testing.assert_close(got.grad, want.grad, atol=atol, rtol=0)
 
 
 def test_shards_are_load_balanced():
@@ -45,6 +68,7 @@ def test_context_parallel_attention_equals_full_attention(ranks, case):
         assert result["loss"] == pytest.approx(result["expected_loss"], rel=1e-5)
         assert result["grad_diff"] < 1e-5, f"{case}: gradients differ by {result['grad_diff']}"
         assert result["unsplit_runs_whole"]
+        assert result["masked"] == (case not in ("causal", "padded_odd_length")), "plain causal runs without a mask"
     seq = cp_rank.CASES[case][1]
     assert ranks[0][case]["tokens"] == -(-seq // 4) * 2  # half of the sequence padded to a multiple of 4
 
@@ -52,7 +76,6 @@ def test_context_parallel_attention_equals_full_attention(ranks, case):
 # --- rules: what composes with cp in this slice, checked at load --------------------------------------------
 
 CP_VIOLATIONS = [
-    ((2, 2, 1), "parallel.tp=2"),
     ((2, 1, 2), "parallel.pp=2"),
     ((2, 1, 1, "deepspeed"), "parallel.engine=native"),
     ((2, 1, 1, "native", "prefix"), "peft.method=prefix"),
@@ -73,15 +96,15 @@ def test_world_size_counts_cp_ranks():
     assert resolve_degrees(ParallelConfig(cp=2, dp=2), 4) == (2, 1, 1)
     with pytest.raises(ConfigError, match=r"parallel.cp=2 = 2; set parallel.dp=4 or launch with --nproc_per_node 2"):
         rules.resolve_dp(8, 1, 1, 1, cp=2)
-    rules.check_context_parallel(4)  # with dp and ZeRO only: nothing to refuse
+    rules.check_context_parallel(4, tp=2)  # with dp, ZeRO and tp: nothing to refuse
 
 
-def test_cp_config_loads_and_refuses_tp_at_load():
+def test_cp_config_loads_and_refuses_pp_at_load():
     cfg = CollieConfig.load(QUICKSTART, ["parallel.cp=2", "parallel.zero_stage=3", "data.document_masking=true",
-                                         "data.pack=true"])
-    assert cfg.parallel.cp == 2
-    with pytest.raises(ConfigError, match="parallel.cp=2 does not yet compose with parallel.tp=2"):
-        CollieConfig.load(QUICKSTART, ["parallel.cp=2", "parallel.tp=2"])
+                                         "data.pack=true", "parallel.tp=2", "parallel.sequence_parallel=true"])
+    assert (cfg.parallel.cp, cfg.parallel.tp) == (2, 2)
+    with pytest.raises(ConfigError, match="parallel.cp=2 does not yet compose with parallel.pp=2"):
+        CollieConfig.load(QUICKSTART, ["parallel.cp=2", "parallel.pp=2"])
 
 
 def test_moe_router_losses_are_refused_under_cp():
@@ -90,3 +113,14 @@ def test_moe_router_losses_are_refused_under_cp():
                      router_aux_loss_coef=0.01)
     with pytest.raises(ConfigError, match="parallel.cp=2: the router losses"):
         validate_model_for_layout(args, ParallelConfig(cp=2))
+
+
+def test_longrope_is_refused_under_cp():
+    """longrope switches factors on the largest position of the whole sequence, which no cp rank holds alone."""
+    args = ModelArgs(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                     num_attention_heads=4, num_key_value_heads=2, architecture="phi3", max_position_embeddings=64,
+                     rope_scaling={"rope_type": "longrope", "short_factor": [1.0] * 8, "long_factor": [2.0] * 8,
+                                   "original_max_position_embeddings": 16})
+    with pytest.raises(ConfigError, match="parallel.cp=2: longrope"):
+        validate_model_for_layout(args, ParallelConfig(cp=2))
+    validate_model_for_layout(args, ParallelConfig())

@@ -89,6 +89,8 @@ LAYOUTS = {
     # context parallel: each sequence split over 2 ranks (k/v all-gathered), alone and with dp2 ZeRO-3 (dp × cp)
     "cp2": (2, 1, ["parallel.cp=2"]),
     "cp2_dp2": (4, 2, ["parallel.dp=2", "parallel.cp=2", "parallel.zero_stage=3"]),
+    # ... and with tensor + sequence parallelism: each cp rank's share split again over the tp ranks
+    "cp2_tp2_sp": (4, 1, ["parallel.cp=2", "parallel.tp=2", "parallel.sequence_parallel=true"]),
     "deepspeed_zero1": (2, 2, ["parallel.engine=deepspeed", "parallel.zero_stage=1"]),
     "deepspeed_zero2": (2, 2, ["parallel.engine=deepspeed", "parallel.zero_stage=2"]),
     "deepspeed_zero3": (2, 2, ["parallel.engine=deepspeed", "parallel.zero_stage=3"]),
@@ -116,7 +118,7 @@ MATRIX = [(name, "adamw") for name in LAYOUTS if "_ep" not in name] + [
     ("tp2_sp", "gemma2"), ("pp2_1f1b", "gemma2"), ("dp2_zero3", "qwen3"), ("dp2_zero2", "gemma2"),
 ]
 MATRIX += [("dp2_zero3", "mixtral"), ("pp2_1f1b", "mixtral")]
-MATRIX += [("cp2", "packed"), ("cp2", "gemma2")]
+MATRIX += [("cp2", "packed"), ("cp2", "gemma2"), ("cp2", "lora"), ("cp2", "adalomo")]
 MATRIX += [("dp2_ep2", "mixtral"), ("dp2_ep2_zero3", "mixtral"), ("dp4_ep2_zero1", "mixtral")]
 MATRIX += [("dp2_ep2_zero3", "mixtral_adalomo"), ("tp2_sp", "mixtral"), ("dp2_tp2_ep2_zero3", "mixtral"),
            ("dp2_pp2_ep2", "mixtral")]
