@@ -147,16 +147,17 @@ def check_dp_replicate(dp_replicate: int, dp: int, zero_stage: int, engine: str 
 # --- context parallel --------------------------------------------------------------------------------------
 
 def check_context_parallel(cp: int, tp: int = 1, pp: int = 1, engine: str = "native", peft: str = "none",
-                           backend: str = "collie", loss_chunk_size: int = 0) -> None:
+                           backend: str = "collie", loss_chunk_size: int = 0, document_masking: bool = False) -> None:
     """Context parallelism splits each sequence over ``cp`` ranks and all-gathers keys/values in every attention
-    layer of collie's own models. It runs with data parallelism, ZeRO 0-3 and tensor parallelism (native engine)."""
+    layer of collie's own models. It runs with data parallelism, ZeRO 0-3, tensor parallelism and pipeline stages
+    (native engine)."""
     if cp == 1:
         return
     what = f"parallel.cp={cp}"
-    if pp > 1:
-        raise ConfigError(f"{what} does not yet compose with parallel.pp={pp}: context parallelism runs with data "
-                          f"parallelism, ZeRO 0-3 and tensor parallelism (parallel.dp, parallel.zero_stage, "
-                          f"parallel.tp); set parallel.pp=1 or parallel.cp=1")
+    if pp > 1 and document_masking:
+        raise ConfigError(f"{what} with parallel.pp={pp} cannot mask packed documents: their (row × query × key) "
+                          f"masks do not follow the pipeline's micro-batches; set data.document_masking=false, or "
+                          f"parallel.pp=1 or parallel.cp=1")
     if engine != "native":
         raise ConfigError(f"{what} needs parallel.engine=native: DeepSpeed reduces gradients over its own "
                           f"data-parallel group, which does not include the cp ranks")
@@ -233,7 +234,7 @@ def check_layout(*, dp: int = -1, tp: int = 1, pp: int = 1, cp: int = 1, zero_st
                  eval_batch_size: int | None = None, pp_microbatches: int | None = None,
                  pp_schedule: str = "1f1b", pp_boundaries=None, seq_len: int = 2048, sequence_parallel: bool = False,
                  cpu_offload: bool = False, peft: str = "none", loss_chunk_size: int = 0,
-                 clip_grad_value: float = 0.0, backend: str = "collie") -> None:
+                 clip_grad_value: float = 0.0, backend: str = "collie", document_masking: bool = False) -> None:
     """Every rule above that needs neither the model nor the environment. ``dp=-1``: resolved at launch
     (the rules that need it run then); ``fused``: the optimizer updates inside backward; ``eval_batch_size``:
     None when nothing is evaluated."""
@@ -247,7 +248,7 @@ def check_layout(*, dp: int = -1, tp: int = 1, pp: int = 1, cp: int = 1, zero_st
             check_pipeline_batch(eval_batch_size, n, "eval.batch_size")
         check_microbatches(n, pp, pp_schedule)
     check_deepspeed(engine, tp, pp, optimizer, clip_grad_value, peft)
-    check_context_parallel(cp, tp, pp, engine, peft, backend, loss_chunk_size)
+    check_context_parallel(cp, tp, pp, engine, peft, backend, loss_chunk_size, document_masking)
     check_loss_chunk(loss_chunk_size, dp, tp, pp, peft)
     check_sequence_parallel(sequence_parallel, tp, pp, seq_len)
     check_cpu_offload(cpu_offload, zero_stage, engine, dp * cp, dp * tp * pp * cp if dp > 0 else None)
@@ -268,7 +269,8 @@ def check_config(cfg) -> None:
                  pp_microbatches=p.pp_microbatches, pp_schedule=p.pp_schedule, pp_boundaries=p.pp_boundaries,
                  seq_len=cfg.data.seq_len, sequence_parallel=p.sequence_parallel, cpu_offload=p.cpu_offload,
                  peft=cfg.peft.method, loss_chunk_size=cfg.train.loss_chunk_size,
-                 clip_grad_value=cfg.optim.clip_grad_value, backend=cfg.model.backend)
+                 clip_grad_value=cfg.optim.clip_grad_value, backend=cfg.model.backend,
+                 document_masking=cfg.data.document_masking)
 
 
 # --- expert parallel ---------------------------------------------------------------------------------------

@@ -3,6 +3,8 @@ evaluation and generation run through ``collie.distributed.pipeline.PipelineRunn
 the same methods with the same batch shapes."""
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from collie.distributed.data_parallel import set_gradient_sync
@@ -20,18 +22,31 @@ class PipelineEngine(Engine):
         # The schedule runs backward itself: a loss scale (fp16) enters as a divisor of the denominator.
         set_gradient_sync(self.parts, last)
         scale = self.update.loss_scale()
-        with self.autocast():
-            loss = self.runner.step(batch["input_ids"], batch["labels"], self.model_inputs(batch),
-                                    loss_denominator=denominator / scale)
+        split, *pipeline_batch = self._pipeline_batch(batch)
+        with split, self.autocast():
+            loss = self.runner.step(*pipeline_batch, loss_denominator=denominator / scale)
         return loss / scale
+
+    def _pipeline_batch(self, batch: dict):
+        """(context, token ids, labels, model inputs) of what the pipeline runs: the batch, or under context
+        parallelism this rank's share of it, whose targets are already shifted (the runner's loss then takes
+        them as they are), run inside ``ContextParallel.attending``."""
+        plan = self.context_parallel
+        if plan is None:
+            return contextlib.nullcontext(), batch["input_ids"], batch["labels"], self.model_inputs(batch)
+        shard = plan.shard(batch)
+        if not shard.causal:  # a (row × query × key) mask would not follow the micro-batches
+            raise ValueError("parallel.cp with parallel.pp needs right-padded batches (training data is)")
+        return plan.attending(shard), shard.input_ids, shard.targets, {"position_ids": shard.position_ids}
 
     def forward(self, batch: dict) -> torch.Tensor:
         raise NotImplementedError("with parallel.pp > 1 no rank holds a whole forward: use loss_sum (summed "
                                   "token loss) or generation_model (last-position logits)")
 
     def loss_sum(self, batch: dict) -> torch.Tensor:
-        with self.autocast():
-            return self.runner.eval_forward(batch["input_ids"], batch["labels"], self.model_inputs(batch))
+        split, *pipeline_batch = self._pipeline_batch(batch)
+        with split, self.autocast():
+            return self.ctx.cp_sum(self.runner.eval_forward(*pipeline_batch))
 
     def training_loss_sum(self, batch: dict) -> torch.Tensor:
         raise NotImplementedError("pipeline stages backpropagate inside their schedule: use forward_backward")

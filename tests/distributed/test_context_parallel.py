@@ -76,7 +76,7 @@ def test_context_parallel_attention_equals_full_attention(ranks, case):
 # --- rules: what composes with cp in this slice, checked at load --------------------------------------------
 
 CP_VIOLATIONS = [
-    ((2, 1, 2), "parallel.pp=2"),
+    ((2, 1, 2, "native", "none", "collie", 0, True), "data.document_masking"),
     ((2, 1, 1, "deepspeed"), "parallel.engine=native"),
     ((2, 1, 1, "native", "prefix"), "peft.method=prefix"),
     ((2, 1, 1, "native", "none", "hf"), "model.backend=hf"),
@@ -96,15 +96,17 @@ def test_world_size_counts_cp_ranks():
     assert resolve_degrees(ParallelConfig(cp=2, dp=2), 4) == (2, 1, 1)
     with pytest.raises(ConfigError, match=r"parallel.cp=2 = 2; set parallel.dp=4 or launch with --nproc_per_node 2"):
         rules.resolve_dp(8, 1, 1, 1, cp=2)
-    rules.check_context_parallel(4, tp=2)  # with dp, ZeRO and tp: nothing to refuse
+    rules.check_context_parallel(4, tp=2, pp=2)  # with dp, ZeRO, tp and pp: nothing to refuse
 
 
-def test_cp_config_loads_and_refuses_pp_at_load():
+def test_cp_config_loads_and_refuses_documents_under_pp_at_load():
     cfg = CollieConfig.load(QUICKSTART, ["parallel.cp=2", "parallel.zero_stage=3", "data.document_masking=true",
                                          "data.pack=true", "parallel.tp=2", "parallel.sequence_parallel=true"])
     assert (cfg.parallel.cp, cfg.parallel.tp) == (2, 2)
-    with pytest.raises(ConfigError, match="parallel.cp=2 does not yet compose with parallel.pp=2"):
-        CollieConfig.load(QUICKSTART, ["parallel.cp=2", "parallel.pp=2"])
+    assert CollieConfig.load(QUICKSTART, ["parallel.cp=2", "parallel.pp=2", "data.pack=true"]).parallel.pp == 2
+    with pytest.raises(ConfigError, match="parallel.cp=2 with parallel.pp=2 cannot mask packed documents"):
+        CollieConfig.load(QUICKSTART, ["parallel.cp=2", "parallel.pp=2", "data.pack=true",
+                                       "data.document_masking=true"])
 
 
 def test_moe_router_losses_are_refused_under_cp():

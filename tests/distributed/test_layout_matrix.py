@@ -91,6 +91,8 @@ LAYOUTS = {
     "cp2_dp2": (4, 2, ["parallel.dp=2", "parallel.cp=2", "parallel.zero_stage=3"]),
     # ... and with tensor + sequence parallelism: each cp rank's share split again over the tp ranks
     "cp2_tp2_sp": (4, 1, ["parallel.cp=2", "parallel.tp=2", "parallel.sequence_parallel=true"]),
+    # ... and across pipeline stages: every stage's attention gathers k/v over the cp ranks of the stage
+    "cp2_pp2": (4, 1, ["parallel.cp=2", "parallel.pp=2", "parallel.pp_microbatches=2"]),
     "deepspeed_zero1": (2, 2, ["parallel.engine=deepspeed", "parallel.zero_stage=1"]),
     "deepspeed_zero2": (2, 2, ["parallel.engine=deepspeed", "parallel.zero_stage=2"]),
     "deepspeed_zero3": (2, 2, ["parallel.engine=deepspeed", "parallel.zero_stage=3"]),
