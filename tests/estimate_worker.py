@@ -39,11 +39,19 @@ COLLIE_LAYOUTS = {
     "collie_pp2_1f1b": {"pp": 2, "pp_microbatches": 2},
     "collie_pp2_gpipe": {"pp": 2, "pp_schedule": "gpipe", "pp_microbatches": 4},
     "collie_pp2_interleaved": {"pp": 2, "pp_schedule": "interleaved_1f1b", "pp_microbatches": 4},
-    # 4 ranks: HSDP, 2 replicas × 2 shards
+    "collie_cp2": {"cp": 2},
+    "collie_cp2_zero2": {"cp": 2, "zero_stage": 2},
+    "collie_ep2": {"dp": 2, "ep": 2, "moe": True},
+    "collie_ep2_zero3": {"dp": 2, "ep": 2, "zero_stage": 3, "moe": True},
+    # 4 ranks: HSDP, 2 replicas × 2 shards; dp × cp; two replicas of each expert
     "collie_hsdp_zero2": {"dp": 4, "dp_replicate": 2, "zero_stage": 2},
     "collie_hsdp_zero3": {"dp": 4, "dp_replicate": 2, "zero_stage": 3},
+    "collie_dp2_cp2_zero3": {"dp": 2, "cp": 2, "zero_stage": 3},
+    "collie_dp4_ep2_zero1": {"dp": 4, "ep": 2, "zero_stage": 1, "moe": True},
 }
-HARNESS_KEYS = ("precision", "grad_accum")
+HARNESS_KEYS = ("precision", "grad_accum", "moe")
+# the "moe" layouts: a Mixtral of the same size, 4 experts, each token routed to 2
+MOE_ARGS = {**ARGS, "architecture": "mixtral", "num_experts": 4, "num_experts_per_tok": 2}
 
 
 def batch(seed: int = 0):
@@ -61,6 +69,8 @@ def counted(step, groups, warmup: int = 1) -> dict:
         step()
     with count_collective_bytes(groups) as counter:
         step()
+    # a one-rank group moves nothing (FSDP2's replicate still calls it: the experts of dp=ep)
+    counter.records = [r for r in counter.records if r.group_size > 1]
     return {"payload": {f"{g}/{k}": v for (g, k), v in counter.payload_bytes().items()},
             "control_calls": sum(1 for r in counter.records if r.is_control)}
 
@@ -161,13 +171,18 @@ def engine_step(engine, ctx, ids, labels, accum: int = 1) -> None:
 
 
 def collie_layout(layout: dict) -> dict:
-    ctx, engine = collie_engine(layout, ARGS, BATCH, SEQ)
+    ctx, engine = collie_engine(layout, MOE_ARGS if layout.get("moe") else ARGS, BATCH, SEQ)
     ids, labels = batch(ctx.dp_rank)
-    # "dp": the group ZeRO shards over (under HSDP one replica's ranks), "dp_replicate": across replicas
-    shard_group = ctx.mesh["dp_shard"].get_group() if ctx.dp_replicate > 1 else ctx.dp_group
+    # "dp": the group ZeRO shards over (under HSDP one replica's ranks; dp × cp under cp), "dp_replicate": across
+    # replicas; "ep": the ranks exchanging tokens, "ep_replicate": the ranks holding the same experts
+    shard_group = ctx.mesh["dp_shard"].get_group() if ctx.dp_replicate > 1 else ctx.gradient_group
     groups = {"dp": shard_group, "dp_replicate": ctx.mesh["dp_replicate"].get_group(),
-              "tp": ctx.tp_mesh.get_group(), "pp": ctx.pp_group}
-    sizes = {"dp": ctx.dp_shard, "dp_replicate": ctx.dp_replicate, "tp": ctx.tp, "pp": ctx.pp}
+              "tp": ctx.tp_mesh.get_group(), "pp": ctx.pp_group, "cp": ctx.cp_mesh.get_group()}
+    sizes = {"dp": ctx.dp_shard * ctx.cp, "dp_replicate": ctx.dp_replicate, "tp": ctx.tp, "pp": ctx.pp, "cp": ctx.cp}
+    experts = engine.model.expert_parallel
+    if experts is not None:
+        groups.update(ep=experts.group, ep_replicate=experts.replicate_mesh.get_group())
+        sizes.update(ep=experts.ep, ep_replicate=experts.replicate_mesh.size())
     groups = {name: group for name, group in groups.items() if sizes[name] > 1}
     result = counted(lambda: engine_step(engine, ctx, ids, labels, layout.get("grad_accum", 1)), groups)
     result["pp_rank"] = ctx.pp_rank

@@ -130,6 +130,90 @@ def test_tp_and_sequence_parallel_shrink_activations():
     assert sp < tp4 < tp1
 
 
+# --- mixture of experts and expert parallelism ---------------------------------------------------------------
+
+TINY_MOE = dict(vocab_size=512, hidden_size=128, intermediate_size=192, num_hidden_layers=4, num_attention_heads=8,
+                num_key_value_heads=4, max_position_embeddings=512, architecture="mixtral", num_experts=4,
+                num_experts_per_tok=2)
+
+
+def routed_expert_numel(args: ModelArgs) -> int:
+    return args.num_hidden_layers * args.num_experts * 3 * args.hidden_size * args.moe_intermediate_size_
+
+
+@pytest.mark.parametrize("card", ["mixtral-8x7b", "qwen3-30b-a3b", "qwen1.5-moe-a2.7b", "tiny-moe"])
+def test_moe_inventory_counts_every_expert_and_the_active_ones(card):
+    from collie.estimate.shapes import active_params
+    args = load_card(card)
+    assert sum(t.numel for t in model_tensors(args)) == args.num_params()
+    idle = routed_expert_numel(args) * (args.num_experts - args.num_experts_per_tok) // args.num_experts
+    assert active_params(args) == args.num_params() - idle < args.num_params()
+
+
+@pytest.mark.parametrize("zero", [0, 1, 3])
+def test_ep_splits_the_routed_experts_and_zero_shards_them_over_their_replicas(zero):
+    """ep=2 of dp=4: a rank holds half the experts (weights, gradients, optimizer state); ZeRO shards the rest of
+    the model over all 4 dp ranks but an expert only over the dp/ep=2 ranks holding it."""
+    args = ModelArgs(**TINY_MOE)
+    routed, rest = routed_expert_numel(args), args.num_params() - routed_expert_numel(args)
+    base = Setup(dp=4, zero_stage=zero, micro_batch_size=1, seq_len=8)
+    one, two = (estimate_memory(args, base.replace(ep=ep)).breakdown for ep in (1, 2))
+    weight_shards, state_shards = (4 if zero >= 3 else 1), (4 if zero >= 1 else 1)
+    assert one["weights"] == pytest.approx(gib(4 * args.num_params() / weight_shards))
+    assert two["weights"] == pytest.approx(gib(4 * (rest / weight_shards + routed / 2 / (weight_shards // 2 or 1))))
+    assert two["optimizer_state"] == pytest.approx(gib(8 * (rest / state_shards + routed / 2 / (state_shards // 2 or 1))))
+    assert two["weights"] < one["weights"] if zero < 3 else two["weights"] == pytest.approx(one["weights"])
+
+
+def test_ep_moves_routed_tokens_by_all_to_all_and_expert_gradients_over_their_replicas():
+    args = ModelArgs(**TINY_MOE)
+    setup = Setup(dp=4, ep=2, micro_batch_size=2, seq_len=64)
+    comm = estimate_communication(args, setup)
+    rows = 2 * 64 * args.num_experts_per_tok * args.hidden_size * 4  # k rows per token, fp32
+    assert comm.payload[("ep", "all_to_all")] == 4 * rows * args.num_hidden_layers  # dispatch, combine, and back
+    experts = 4 * routed_expert_numel(args) / 2
+    assert comm.payload[("ep_replicate", "all_reduce")] == experts
+    assert comm.payload[("dp", "all_reduce")] == 4 * args.num_params() - 2 * experts
+    assert ("ep", "all_to_all") not in estimate_communication(args, setup.replace(ep=1)).payload
+
+
+def test_ep_rules_are_collies():
+    args = ModelArgs(**TINY_MOE)
+    with pytest.raises(Exception, match="parallel.ep=3 does not divide parallel.dp=4"):
+        Setup(dp=4, ep=3)
+    with pytest.raises(Exception, match="num_experts"):
+        estimate_memory(args, Setup(dp=8, ep=8))
+    with pytest.raises(Exception, match="has none"):
+        estimate_memory(SMALL, Setup(dp=2, ep=2))
+
+
+# --- context parallelism -------------------------------------------------------------------------------------
+
+def test_cp_splits_activations_and_keeps_gathered_kv_and_the_mask():
+    """Per-rank activations at seq 8192 of the 5M model of benchmarks/context_parallel_memory.py fall with cp but
+    stay above 1/cp: each layer keeps the whole sequence's k/v, and the forward the (s/cp × s) mask."""
+    args = ModelArgs(vocab_size=1000, hidden_size=256, intermediate_size=688, num_hidden_layers=6,
+                     num_attention_heads=8, num_key_value_heads=4, max_position_embeddings=8192)
+    base = Setup(seq_len=8192, micro_batch_size=1)
+    one, two, four = (estimate_memory(args, base.replace(cp=cp)).phases["forward_end"] for cp in (1, 2, 4))
+    assert one / 2 < two < one and one / 4 < four < two
+    saved = {cp: act.layer_bytes(args, base.replace(cp=cp, expand_kv_heads=False)) for cp in (1, 2)}
+    assert saved[2]["attn_k"] == 2 * saved[1]["attn_k"] and saved[2]["attn_q"] == saved[1]["attn_q"]
+    # on CUDA the masked SDPA gets k/v repeated to every query head (8 of 4 here)
+    assert act.layer_bytes(args, base.replace(cp=2))["attn_k"] == 2 * saved[2]["attn_k"]
+    assert act.cp_mask_bytes(args, base.replace(cp=2)) == 4096 * 8192 * 4
+    assert estimate_memory(args, base.replace(cp=2, dp=2, zero_stage=3)).breakdown["weights"] == \
+        pytest.approx(gib(4 * args.num_params() / 4), rel=0.01)  # ZeRO shards over dp × cp
+
+
+def test_cp_all_gathers_kv_forward_and_reduce_scatters_backward():
+    setup = Setup(cp=4, micro_batch_size=2, seq_len=1024)
+    comm = estimate_communication(SMALL, setup)
+    kv = 2 * 1024 * SMALL.n_kv_heads * SMALL.head_dim_ * 4 * SMALL.num_hidden_layers  # b·s·kv width, fp32, per layer
+    assert comm.payload[("cp", "all_gather")] == comm.payload[("cp", "reduce_scatter")] == 2 * kv
+    assert comm.payload[("dp", "all_reduce")] == 4 * SMALL.num_params()  # gradients summed over dp × cp
+
+
 # --- agreement with torch on CPU -----------------------------------------------------------------------------
 
 def saved_tensor_bytes(model, ids, autocast: bool) -> int:
@@ -170,6 +254,23 @@ def test_saved_activations_match_autograd_exactly(dtype, precision, lora):
     mem = estimate_memory(SMALL, setup)
     expected = mem.phases["forward_end"] - mem.breakdown["weights"] - mem.breakdown["optimizer_state"]
     expected -= gib(act.logits_bytes(SMALL, setup) * batch * seq)  # the output, not saved by anything
+    assert gib(saved_tensor_bytes(model, ids, precision == "bf16")) == pytest.approx(expected, rel=1e-9)
+
+
+@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("dtype,precision", [("bfloat16", "fp32"), ("float32", "bf16")])
+def test_saved_moe_activations_match_autograd_exactly(arch, dtype, precision):
+    """The routed experts (k rows per token whatever the routing), the router and Qwen2-MoE's shared expert."""
+    extra = dict(shared_expert_intermediate_size=256, moe_intermediate_size=96, norm_topk_prob=False) \
+        if arch == "qwen2_moe" else {}
+    args = ModelArgs(**{**TINY_MOE, "architecture": arch, **extra})
+    batch, seq = 2, 24
+    model = build_model(args, device="cpu", seed=0).to(getattr(torch, dtype))
+    setup = Setup(param_dtype=dtype, precision=precision, micro_batch_size=batch, seq_len=seq)
+    mem = estimate_memory(args, setup)
+    expected = mem.phases["forward_end"] - mem.breakdown["weights"] - mem.breakdown["optimizer_state"]
+    expected -= gib(act.logits_bytes(args, setup) * batch * seq)
+    ids = torch.randint(0, args.vocab_size, (batch, seq))
     assert gib(saved_tensor_bytes(model, ids, precision == "bf16")) == pytest.approx(expected, rel=1e-9)
 
 
@@ -319,13 +420,20 @@ COMM_SCENARIOS = {
     "collie_pp2_1f1b": dict(pp=2, pp_microbatches=2),
     "collie_pp2_gpipe": dict(pp=2, pp_schedule="gpipe", pp_microbatches=4),
     "collie_pp2_interleaved": dict(pp=2, pp_schedule="interleaved_1f1b", pp_microbatches=4),
+    "collie_cp2": dict(cp=2),
+    "collie_cp2_zero2": dict(cp=2, zero_stage=2),
+    "collie_ep2": dict(dp=2, ep=2),
+    "collie_ep2_zero3": dict(dp=2, ep=2, zero_stage=3),
 }
 
-# 4 ranks: HSDP (2 replicas × 2 shards), checked like the scenarios above
+# 4 ranks: HSDP (2 replicas × 2 shards), dp2 × cp2, dp4 with two replicas of each expert; checked like the above
 HSDP_COMM_SCENARIOS = {
     "collie_hsdp_zero2": dict(dp=4, dp_replicate=2, zero_stage=2),
     "collie_hsdp_zero3": dict(dp=4, dp_replicate=2, zero_stage=3),
+    "collie_dp2_cp2_zero3": dict(dp=2, cp=2, zero_stage=3),
+    "collie_dp4_ep2_zero1": dict(dp=4, ep=2, zero_stage=1),
 }
+COMM_MOE_ARGS = dict(COMM_ARGS, architecture="mixtral", num_experts=4, num_experts_per_tok=2)
 
 
 MEMORY_ARGS = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=8,
@@ -364,12 +472,23 @@ def test_predicted_bytes_equal_counted_bytes(name, request):
     ranks = request.getfixturevalue("hsdp_ranks" if name in HSDP_COMM_SCENARIOS else "counted_ranks")
     fields = {"micro_batch_size": COMM_BATCH, "seq_len": COMM_SEQ, **scenarios[name]}
     setup = Setup(**fields)
+    args = ModelArgs(**(COMM_MOE_ARGS if setup.ep > 1 else COMM_ARGS))
+    routed, predicted_routed = 0, 0
     for rank, results in enumerate(ranks):
         result = results[name]
         assert "error" not in result, f"rank {rank}: {result['error']}"
-        estimate = estimate_communication(ModelArgs(**COMM_ARGS), setup, pp_rank=result.get("pp_rank", 0))
-        predicted = {f"{dim}/{kind}": int(v) for (dim, kind), v in estimate.payload.items()}
+        estimate = estimate_communication(args, setup, pp_rank=result.get("pp_rank", 0))
+        predicted = {}
+        for (dim, kind), v in estimate.payload.items():
+            # cp without dp: the gradient group (dp × cp) is the cp group, and the counter names it "dp"; so is
+            # the ep group when it spans dp
+            dim = "dp" if (dim == "cp" and setup.dp == 1) or (dim == "ep" and setup.ep == setup.dp) else dim
+            predicted[f"{dim}/{kind}"] = predicted.get(f"{dim}/{kind}", 0) + int(v)
+        # a rank's all-to-all rows depend on its routing; over the ep group they are k rows per token, exactly
+        routed += sum(result["payload"].pop(key) for key in list(result["payload"]) if key.endswith("all_to_all"))
+        predicted_routed += sum(predicted.pop(key) for key in list(predicted) if key.endswith("all_to_all"))
         assert result["payload"] == predicted, f"rank {rank}"
+    assert routed == predicted_routed and (routed > 0) == (setup.ep > 1)
 
 
 @pytest.mark.distributed
@@ -437,6 +556,59 @@ def test_plan_tries_hsdp_with_shard_groups_inside_a_node():
 
 def test_plan_finds_nothing_when_nothing_fits():
     assert plan(load_card("llama2-70b"), 2, 80.0, base=Setup(param_dtype="bfloat16", seq_len=4096)) == []
+
+
+def test_plan_proposes_cp_only_where_the_sequence_does_not_fit_otherwise(capsys):
+    """At seq 65536 on 4 GPUs of 24 GiB, no dp-only layout of llama-1b fits; splitting the sequence over 4 ranks
+    does. Layouts with tp or pp that fit without cp get no cp."""
+    args, gpus, mem = load_card("llama-1b"), 4, 24.0
+    base = Setup(param_dtype="bfloat16", micro_batch_size=1, seq_len=65536)
+    rows = plan(args, gpus, mem, base=base, global_batch=4, zero_stages=(0, 3), checkpointing=("full",), keep="all")
+    split = [r for r in rows if r.setup.cp > 1]
+    assert split and all(r.memory.fits(mem) and r.comm_gb["cp"] > 0 for r in split)
+    for row in split:  # the same recipe with the cp ranks given to dp does not fit
+        s = row.setup
+        assert not estimate_memory(args, s.replace(cp=1, dp=s.dp * s.cp, grad_accum_steps=1)).fits(mem)
+    fitting_without = {(r.setup.tp, r.setup.pp) for r in rows if r.setup.cp == 1}
+    assert fitting_without and not fitting_without & {(r.setup.tp, r.setup.pp) for r in split}
+    assert estimate_main(["--card", "llama-1b", "--plan", "--gpus", "4", "--gpu-mem", "24", "--dtype", "bfloat16",
+                          "--seq", "65536", "--global-batch", "4", "--mbs", "1"]) == 0
+    table = capsys.readouterr().out
+    assert "| dp | tp | pp | cp |" in table and "| 1 | 1 | 1 | 4 |" in table and "cp > 1:" in table
+
+
+def test_plan_tries_ep_for_experts_only():
+    moe = plan(ModelArgs(**TINY_MOE), 4, 1.0, base=Setup(micro_batch_size=1, seq_len=64), global_batch=8,
+               zero_stages=(0, 3), checkpointing=("none",), keep="all")
+    assert {r.setup.ep for r in moe} == {1, 2, 4}
+    assert all(r.setup.dp % r.setup.ep == 0 for r in moe)
+    assert all(("ep" in r.comm_gb) == (r.setup.ep > 1) for r in moe)
+    dense = plan(SMALL, 4, 1.0, base=Setup(micro_batch_size=1, seq_len=64), global_batch=8, zero_stages=(0,),
+                 checkpointing=("none",), keep="all")
+    assert dense and {r.setup.ep for r in dense} == {1}
+
+
+def test_cli_ep_and_cp_flags(capsys):
+    assert estimate_main(["--card", "mixtral-8x7b", "--dp", "8", "--ep", "8", "--zero", "3", "--dtype", "bfloat16",
+                          "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["setup"]["ep"] == 8 and out["active_params"] < out["params"]
+    assert out["communication"]["payload_bytes"]["ep/all_to_all"] > 0
+    assert estimate_main(["--card", "mixtral-8x7b", "--dp", "8", "--ep", "8", "--zero", "3", "--dtype",
+                          "bfloat16"]) == 0
+    assert "dp=8 tp=1 pp=1 ep=8" in capsys.readouterr().out
+    assert estimate_main(["--card", "llama-1b", "--dp", "2", "--cp", "2", "--gpus", "4", "--seq", "8192"]) == 0
+    assert "dp=2 tp=1 pp=1 cp=2" in capsys.readouterr().out
+    assert estimate_main(["--card", "llama-1b", "--dp", "4", "--cp", "2", "--gpus", "4"]) == 2
+    assert "× cp 2" in capsys.readouterr().err
+    assert estimate_main(["--card", "llama-1b", "--dp", "2", "--ep", "2"]) == 2
+    assert "parallel.ep=2" in capsys.readouterr().err
+
+
+def test_cli_job_config_reads_cp_and_ep(capsys):
+    for config, flag in (("sft_long_cp.yaml", "cp=2"), ("pretrain_moe_ep.yaml", "ep=2")):
+        assert estimate_main([os.path.join(ROOT, "configs", config), "--gpus", "2"]) == 0
+        assert flag in capsys.readouterr().out
 
 
 def test_cli_card_json(capsys):

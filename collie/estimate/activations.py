@@ -15,6 +15,15 @@ the output (the o_proj input is a view of it) C·d each, logsumexp 4 per head.
 SwiGLU: gate output (silu), silu output and up output (the product), and the product (down_proj) C·i each.
 With sequence parallel the norm tensors are split over t along the sequence; the all-gathered norm output
 the linears read is not.
+Mixture of experts (``collie.models.moe``), per token: the router's fp32 softmax (E), top-k indices and weights;
+per routed assignment (k per token; under ep a rank's experts receive k per local token when the routing is
+balanced): the expert's input rows (R·h, or one C·h autocast copy for each of gate and up), its SwiGLU
+tensors (C·i_moe each), its output (saved by the routing-weight product), the weighted output as ``index_add_``
+keeps it (R·h), the routing weight and two int64 indices; the shared expert (Qwen2-MoE) as a dense SwiGLU plus
+its output and sigmoid gate.
+Context parallel (cp ranks, ``collie.distributed.context_parallel``): a rank holds s/cp tokens; SDPA saves the
+k/v gathered from the whole sequence (cp × the local ones per local token) and, once per forward, the additive
+(s/cp × s) mask (``cp_mask_bytes``).
 """
 from __future__ import annotations
 
@@ -40,7 +49,7 @@ class Widths:
     @classmethod
     def of(cls, args: ModelArgs, setup: Setup) -> "Widths":
         t, d = setup.tp, args.head_dim_
-        kv_heads = args.num_attention_heads if setup.expand_kv_heads else args.n_kv_heads
+        kv_heads = args.num_attention_heads if setup.kv_repeated else args.n_kv_heads
         return cls(args.hidden_size, args.num_attention_heads * d // t, kv_heads * d // t,
                    args.num_attention_heads // t, args.intermediate_size // t, args.vocab_size // t)
 
@@ -69,17 +78,88 @@ def layer_bytes(args: ModelArgs, setup: Setup) -> dict[str, float]:
     w, compute = Widths.of(args, setup), DTYPE_BYTES[setup.compute_dtype]
     norms_train = setup.peft == "none"
     out: dict[str, float] = {}
-    for prefix, readers in (("attn", ("q_proj", "k_proj", "v_proj")), ("mlp", ("gate_proj", "up_proj"))):
+    mlp_readers = _moe_readers(args) if args.num_experts else ("gate_proj", "up_proj")
+    for prefix, readers in (("attn", ("q_proj", "k_proj", "v_proj")), ("mlp", mlp_readers)):
         for key, value in norm_bytes(args, setup, readers, norms_train).items():
             out[f"{prefix}_{key}"] = value
-    out.update(attn_q=compute * w.q, attn_k=compute * w.kv_saved, attn_v=compute * w.kv_saved,
-               attn_out=compute * w.q, attn_logsumexp=FP32 * w.heads,
-               mlp_gate=compute * w.inner, mlp_silu=compute * w.inner, mlp_up=compute * w.inner)
-    if _trains(setup, "down_proj"):
-        out["mlp_product"] = compute * w.inner
+    gathered = setup.padded_seq_len / setup.local_seq_len  # cp: SDPA keeps the whole sequence's k/v
+    out.update(attn_q=compute * w.q, attn_k=compute * w.kv_saved * gathered,
+               attn_v=compute * w.kv_saved * gathered, attn_out=compute * w.q, attn_logsumexp=FP32 * w.heads)
+    out.update(moe_bytes(args, setup) if args.num_experts else swiglu_bytes(setup, w.inner, "mlp"))
     if setup.peft == "lora":
         out["lora_hidden"] = compute * setup.lora_r * len(setup.lora_targets)
     return out
+
+
+def swiglu_bytes(setup: Setup, inner: int, prefix: str) -> dict[str, float]:
+    """Per token row of a SwiGLU of width ``inner``: gate output (silu), silu and up outputs (the product), and
+    the product (down_proj)."""
+    compute = DTYPE_BYTES[setup.compute_dtype]
+    out = {f"{prefix}_gate": compute * inner, f"{prefix}_silu": compute * inner, f"{prefix}_up": compute * inner}
+    if _trains(setup, "down_proj"):
+        out[f"{prefix}_product"] = compute * inner
+    return out
+
+
+def _moe_readers(args: ModelArgs) -> tuple[str, ...]:
+    """The linears that read the MoE block's input as it is: the router, and the shared expert's gate/up and gate
+    (the routed experts read rows copied out of it)."""
+    return ("router",) + (("gate_proj", "up_proj", "shared_expert_gate")
+                          if args.shared_expert_intermediate_size else ())
+
+
+def moe_bytes(args: ModelArgs, setup: Setup) -> dict[str, float]:
+    """Saved bytes per local token of a sparse MoE block beyond its input norm (see the module docstring): the
+    expert load is assumed balanced, so that under ep a rank's experts receive k rows per local token."""
+    h, k, experts = args.hidden_size, args.num_experts_per_tok, args.num_experts
+    residual, compute = DTYPE_BYTES[setup.param_dtype], DTYPE_BYTES[setup.compute_dtype]
+    # Mixtral keeps the routing weights in fp32; Qwen casts them to the router logits' dtype
+    weight = FP32 if args.architecture == "mixtral" else compute
+    rows = (2 * compute if setup.autocast else residual) * h if _trains(setup, "gate_proj") else 0.0
+    routed = swiglu_bytes(setup, args.moe_intermediate_size_, "moe_expert")
+    out = {"moe_router": FP32 * experts + INDEX * k + (FP32 * (k + 1) if args.norm_topk_prob else 0),
+           "moe_expert_input": k * rows, **{key: k * value for key, value in routed.items()},
+           # ep: the experts' outputs are kept twice, by the local index_add and (sent back) by the weighting
+           "moe_expert_output": k * (compute * (2 if setup.ep > 1 else 1) + residual) * h,
+           "moe_routing": k * (weight + (3 if setup.ep > 1 else 2) * INDEX)}
+    if args.router_aux_loss_coef:  # the load-balancing loss's softmax of the kept router logits, and its mask
+        out["moe_router_loss"] = compute * experts + FP32
+    shared = args.shared_expert_intermediate_size
+    if shared:
+        out.update(swiglu_bytes(setup, shared, "moe_shared"))
+        out["moe_shared_output"] = compute * (h + 1)  # the product with sigmoid(shared_expert_gate)
+    return out
+
+
+def cp_mask_bytes(args: ModelArgs, setup: Setup) -> float:
+    """Context parallel, per micro-batch: the additive (s/cp × s) attention masks every layer's SDPA keeps (in
+    the compute dtype, built once per forward and window: ``SequenceShard.mask``): one per distinct attention
+    window (full causal, and the sliding window of models that alternate), one row's worth (per row only with
+    left padding or document masking). On CUDA every cp forward attends under them; on CPU plain causal layers
+    attend chunk by chunk without a mask. A mask-free attention on CUDA would change only this function."""
+    if setup.cp == 1:
+        return 0.0
+    windows = len(set(_layer_windows(args)))
+    return setup.local_seq_len * setup.padded_seq_len * windows * DTYPE_BYTES[setup.compute_dtype]
+
+
+def _layer_windows(args: ModelArgs) -> list:
+    """The attention window of every layer (None: full causal), as collie's decoder assigns them."""
+    if not args.sliding_window:
+        return [None]
+    layer_types = getattr(args, "layer_types", None)
+    if layer_types:
+        return [args.sliding_window if kind == "sliding_attention" else None for kind in layer_types]
+    return [args.sliding_window]
+
+
+def cp_backward_bytes(args: ModelArgs, setup: Setup) -> float:
+    """Per local token, the gradients of the gathered k and v during one layer's attention backward, before
+    they are reduce-scattered to their owners."""
+    if setup.cp == 1:
+        return 0.0
+    w = Widths.of(args, setup)
+    return 2 * DTYPE_BYTES[setup.compute_dtype] * w.kv_saved * setup.padded_seq_len / setup.local_seq_len
 
 
 def attention_block_bytes(args: ModelArgs, setup: Setup) -> float:
@@ -98,8 +178,13 @@ def checkpointed_layer_bytes(args: ModelArgs, setup: Setup) -> float:
 def mlp_backward_bytes(args: ModelArgs, setup: Setup) -> float:
     """Per token, the SwiGLU backward's peak beyond the saved activations: the gradients of the product, of
     silu's output and of up exist while the saved product is already freed: net two intermediate-width
-    tensors. Read from a CPU allocation trace of collie's layer (tests/test_estimate.py checks the total)."""
-    return 2 * DTYPE_BYTES[setup.compute_dtype] * Widths.of(args, setup).inner
+    tensors. Read from a CPU allocation trace of collie's layer (tests/test_estimate.py checks the total).
+    MoE: the larger of the shared expert (every token) and one routed expert (k·ep/E rows per local token)."""
+    inner = Widths.of(args, setup).inner
+    if args.num_experts:
+        routed = args.moe_intermediate_size_ * args.num_experts_per_tok * setup.ep / args.num_experts
+        inner = max(args.shared_expert_intermediate_size or 0, routed)
+    return 2 * DTYPE_BYTES[setup.compute_dtype] * inner
 
 
 def norm_backward_bytes(args: ModelArgs, setup: Setup) -> float:

@@ -4,6 +4,8 @@
     collie estimate --card llama2-7b --dp 8 --zero 1 --dtype bfloat16 --mbs 4 --seq 2048 --ckpt full
     collie estimate --card llama2-70b --plan --gpus 64 --gpu-mem 80 --seq 4096 --dtype bfloat16
     collie estimate --card llama2-7b --dp 16 --dp-replicate 2 --zero 3 --dtype bfloat16   # HSDP: 2 nodes × 8
+    collie estimate --card mixtral-8x7b --dp 8 --ep 8 --zero 3 --dtype bfloat16         # experts over 8 ranks
+    collie estimate --card llama3-8b --dp 2 --cp 4 --zero 3 --seq 65536 --ckpt full      # 65k tokens over 4 ranks
     ... --json                                                              # machine-readable
 
 Flags given explicitly override the job config (after its dotted overrides).
@@ -19,6 +21,7 @@ from collie.estimate.communication import CommEstimate, estimate_communication
 from collie.estimate.memory import ALLOCATOR_OVERHEAD, RUNTIME_OVERHEAD_GIB, MemoryEstimate, estimate_memory
 from collie.estimate.plan import Hardware, PlanRow, plan
 from collie.estimate.setup import Setup
+from collie.estimate.shapes import active_params
 
 # --flag: (Setup field, type, help). Flags default to None so that only the given ones override a config.
 FLAGS = {
@@ -27,6 +30,10 @@ FLAGS = {
                                          "2/3), all-reduced across replicas (parallel.dp_replicate)"),
     "tp": ("tp", int, "tensor-parallel degree (parallel.tp)"),
     "pp": ("pp", int, "pipeline-parallel degree (parallel.pp)"),
+    "cp": ("cp", int, "context-parallel degree: each sequence split over cp ranks, k/v all-gathered per layer "
+                      "(parallel.cp)"),
+    "ep": ("ep", int, "expert-parallel degree (MoE): the routed experts split over ep of the dp ranks, tokens "
+                      "sent to them by all-to-all (parallel.ep)"),
     "zero": ("zero_stage", int, "ZeRO stage 0-3 (parallel.zero_stage)"),
     "cpu_offload": ("cpu_offload", bool, "offload parameters, gradients and optimizer state to the host "
                                          "(ZeRO 2/3; parallel.cpu_offload)"),
@@ -104,11 +111,12 @@ def _estimate(argv) -> int:
         print(f"collie estimate: error: {type(error).__name__}: {error}", file=sys.stderr)
         return 2
     if options.json:
-        print(json.dumps({"model": label, "params": args.num_params(), "setup": _setup_dict(setup),
+        print(json.dumps({"model": label, "params": args.num_params(), "active_params": active_params(args),
+                          "setup": _setup_dict(setup),
                           "gpu_mem_gib": options.gpu_mem, "fits": memory.fits(options.gpu_mem),
                           "memory": memory.to_dict(), "communication": comm.to_dict()}, indent=2))
     else:
-        print(render_estimate(label, args.num_params(), memory, comm, options.gpu_mem))
+        print(render_estimate(label, _params(args), memory, comm, options.gpu_mem))
     return 0
 
 
@@ -130,11 +138,14 @@ def _job(options) -> tuple:
         raise ConfigError("give a job config (collie estimate job.yaml) or a model card (--card llama2-7b)")
     if flags:
         setup = setup.replace(**flags)
+    other = setup.tp * setup.pp * setup.cp
     if options.config and cfg.parallel.dp == -1 and "dp" not in flags and options.gpus:
-        setup = setup.replace(dp=max(1, options.gpus // (setup.tp * setup.pp)))  # re-resolve after --tp/--pp
+        setup = setup.replace(dp=max(1, options.gpus // other))  # re-resolve after --tp/--pp/--cp
     if options.gpus and not options.plan and setup.world_size != options.gpus:
-        raise ConfigError(f"--gpus {options.gpus} ≠ dp {setup.dp} × tp {setup.tp} × pp {setup.pp}; "
-                          f"set --dp {options.gpus // (setup.tp * setup.pp)} or drop --gpus")
+        cp = f" × cp {setup.cp}" if setup.cp > 1 else ""
+        raise ConfigError(f"--gpus {options.gpus} ≠ dp {setup.dp} × tp {setup.tp} × pp {setup.pp}{cp}; "
+                          f"set --dp {options.gpus // other} or drop --gpus")
+    setup.check_model(args)
     return args, setup, label
 
 
@@ -148,7 +159,7 @@ def _print_plan(options, args, setup: Setup, label: str) -> int:
         print(json.dumps({"model": label, "gpus": options.gpus, "gpu_mem_gib": options.gpu_mem,
                           "rows": [r.to_dict() for r in rows]}, indent=2))
     else:
-        print(render_plan(label, args.num_params(), options.gpus, options.gpu_mem, setup, rows))
+        print(render_plan(label, _params(args), options.gpus, options.gpu_mem, setup, rows))
     return 0 if rows else 1
 
 
@@ -163,10 +174,17 @@ def _count(n: int) -> str:
     return f"{n / 1e9:.2f}B" if n >= 1e9 else f"{n / 1e6:.2f}M"
 
 
+def _params(args) -> str:
+    """The parameter count, and for a mixture of experts the active ones (what one token passes through)."""
+    active = active_params(args)
+    return _count(args.num_params()) + (f", {_count(active)} active" if active != args.num_params() else "")
+
+
 def describe(setup: Setup) -> str:
     s = setup
     hsdp = f" ({s.dp_replicate} replicas × {s.dp_shard} shards)" if s.dp_replicate > 1 else ""
-    parts = [f"dp={s.dp}{hsdp} tp={s.tp} pp={s.pp}", f"ZeRO-{s.zero_stage}" + (" +offload" if s.cpu_offload else ""),
+    extra = "".join(f" {name}={value}" for name, value in (("cp", s.cp), ("ep", s.ep)) if value > 1)
+    parts = [f"dp={s.dp}{hsdp} tp={s.tp} pp={s.pp}{extra}", f"ZeRO-{s.zero_stage}" + (" +offload" if s.cpu_offload else ""),
              s.optimizer + (f"+lora(r={s.lora_r})" if s.peft == "lora" else ""),
              f"{s.param_dtype} params, {s.compute_dtype} compute", f"checkpointing={s.activation_checkpointing}",
              f"{s.micro_batch_size}×{s.seq_len} tokens per forward"]
@@ -179,9 +197,9 @@ def describe(setup: Setup) -> str:
     return ", ".join(parts)
 
 
-def render_estimate(label: str, num_params: int, memory: MemoryEstimate, comm: CommEstimate,
+def render_estimate(label: str, params: str, memory: MemoryEstimate, comm: CommEstimate,
                     gpu_mem_gib: float) -> str:
-    lines = [f"{label} ({_count(num_params)} parameters): {describe(memory.setup)}", "",
+    lines = [f"{label} ({params} parameters): {describe(memory.setup)}", "",
              f"Memory per GPU (pipeline rank {memory.pp_rank}, peak during {memory.phase}):"]
     lines += [f"  {name:<20}{gib:>9.2f} GiB" for name, gib in memory.breakdown.items()]
     fits = "fits" if memory.fits(gpu_mem_gib) else "does NOT fit"
@@ -204,22 +222,30 @@ def render_estimate(label: str, num_params: int, memory: MemoryEstimate, comm: C
     return "\n".join(lines)
 
 
-def render_plan(label: str, num_params: int, gpus: int, gpu_mem_gib: float, base: Setup,
+def render_plan(label: str, params: str, gpus: int, gpu_mem_gib: float, base: Setup,
                 rows: list[PlanRow]) -> str:
-    head = (f"{label} ({_count(num_params)}) on {gpus} GPUs of {gpu_mem_gib:g} GiB, seq {base.seq_len}, "
+    """The plan as a table; cp and ep get columns when a row uses them (sent bytes: tp/dp/pp, then cp, ep)."""
+    head = (f"{label} ({params}) on {gpus} GPUs of {gpu_mem_gib:g} GiB, seq {base.seq_len}, "
             f"{base.optimizer}, {base.param_dtype} params / {base.compute_dtype} compute: "
             f"{len(rows)} layouts fit (fastest first; est. = the plan's step-time model)")
-    columns = "| dp | tp | pp | ZeRO | ckpt | SP | micro-batches (n×seqs, accum) | peak GiB | reserved GiB | " \
-              "sent GB/step (tp/dp/pp) | est. tok/s/GPU |"
-    table = [head, "", columns, "|" + "---|" * 11]
+    extra = [dim for dim in ("cp", "ep") if any(getattr(r.setup, dim) > 1 for r in rows)]
+    sent = "/".join(["tp", "dp", "pp", *extra])
+    columns = "| dp | tp | pp | " + "".join(f"{dim} | " for dim in extra) + "ZeRO | ckpt | SP | micro-batches (n×seqs, " \
+              f"accum) | peak GiB | reserved GiB | sent GB/step ({sent}) | est. tok/s/GPU |"
+    table = [head, "", columns, "|" + "---|" * (11 + len(extra))]
     for r in rows:
         s, c = r.setup, r.comm_gb
         dp = f"{s.dp_replicate}×{s.dp_shard}" if s.dp_replicate > 1 else str(s.dp)
-        sent_dp = f"{c.get('dp', 0):.0f}" + (f"+{c['dp_replicate']:.0f}" if "dp_replicate" in c else "")
-        table.append(f"| {dp} | {s.tp} | {s.pp} | {s.zero_stage}{'+off' if s.cpu_offload else ''} | "
+        sent_dp = f"{c.get('dp', 0):.0f}" + "".join(f"+{c[d]:.0f}" for d in ("dp_replicate", "ep_replicate") if d in c)
+        dims = "".join(f"{getattr(s, dim)} | " for dim in extra)
+        sent_extra = "".join(f"/{c.get(dim, 0):.0f}" for dim in extra)
+        table.append(f"| {dp} | {s.tp} | {s.pp} | {dims}{s.zero_stage}{'+off' if s.cpu_offload else ''} | "
                      f"{s.activation_checkpointing} | {'yes' if s.sequence_parallel else 'no'} | "
                      f"{s.n_microbatches}×{s.micro_batch_size // s.n_microbatches}, {s.grad_accum_steps} | "
                      f"{r.memory.peak_gib:.1f} | {r.memory.reserved_gib:.1f} | "
-                     f"{c.get('tp', 0):.0f}/{sent_dp}/{c.get('pp', 0):.0f} | "
+                     f"{c.get('tp', 0):.0f}/{sent_dp}/{c.get('pp', 0):.0f}{sent_extra} | "
                      f"{r.tokens_per_s_per_gpu:.0f} |")
+    if "cp" in extra:
+        table += ["", f"cp > 1: those tp × pp fit no layout with a smaller cp at seq {base.seq_len}; context "
+                      f"parallelism splits each sequence over cp ranks (dp = the rest)."]
     return "\n".join(table)

@@ -23,15 +23,25 @@ dp (``collie.distributed.data_parallel``), per step: ZeRO-0 all-reduce of the gr
   HSDP (dp_replicate > 1, ZeRO-2/3): the all-gathers and reduce-scatters run within the shard group of
   dp/dp_replicate ranks (still "dp"), and "dp_replicate" all-reduces each rank's reduce-scattered gradient
   shard (w·P_trainable/dp_shard) with the same shard of the other replicas, once per step.
+  Context parallel: gradients are summed over dp × cp and ZeRO-2/3 shard over (a replica's) dp × cp ranks: the
+  same collectives over the larger group ("dp" names it).
 pp (``torch.distributed.pipelining``), per micro-batch: each local stage sends its output (T·h·R, /tp with
   sequence parallel) forward unless last and its input gradient backward unless first.
+cp (``collie.distributed.context_parallel``), per micro-batch and layer, T = local tokens: all-gather of k and v
+  (payload: the whole sequence's, cp·T·kv_heads·d each; k in the wider of R and C, as rotary leaves it, v in C),
+  backward reduce-scatter of their gradients (same payloads).
+ep (``collie.distributed.expert_parallel``), per micro-batch and MoE layer, with balanced routing (a rank sends
+  and receives k·T rows): all-to-all of the chosen tokens' hidden states (k·T·h·R) and of the experts' outputs
+  back (k·T·h·C), the same two in backward, and of the per-expert counts (E int64; control traffic when E ≤ 16).
+  The experts' gradients are summed over the dp/ep ranks holding the same experts ("ep_replicate": ZeRO-0/1
+  all-reduce, ZeRO-1 broadcast, ZeRO-2/3 gathers and reduce-scatter, as for dp), the rest over dp.
 """
 from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass, field
 
-from collie.estimate.counting import wire_bytes
+from collie.estimate.counting import CONTROL_MAX_NUMEL, wire_bytes
 from collie.estimate.setup import DTYPE_BYTES, Setup
 from collie.estimate.shapes import Stage, setup_stages, stage_tensors
 from collie.models.args import ModelArgs
@@ -78,6 +88,7 @@ def estimate_communication(args: ModelArgs, setup: Setup | None = None, pp_rank:
                            **fields) -> CommEstimate:
     """Collectives of one optimizer step for pipeline rank ``pp_rank`` (default: the rank sending most)."""
     setup = (setup or Setup()).replace(**fields) if fields else (setup or Setup())
+    setup.check_model(args)
     stages = setup_stages(args, setup)
     if pp_rank is not None:
         return _rank_comm(args, setup, stages[pp_rank])
@@ -87,10 +98,12 @@ def estimate_communication(args: ModelArgs, setup: Setup | None = None, pp_rank:
 def _rank_comm(args: ModelArgs, setup: Setup, stage: Stage) -> CommEstimate:
     ledger = _Ledger()
     forwards = setup.grad_accum_steps * setup.n_microbatches  # micro-batch passes per local stage per step
-    tokens = setup.micro_batch_size // setup.n_microbatches * setup.seq_len
+    tokens = setup.micro_batch_size // setup.n_microbatches * setup.local_seq_len
     _tensor_parallel(ledger, args, setup, stage, tokens, forwards)
     approximate = _data_parallel(ledger, args, setup, stage)
     _pipeline(ledger, args, setup, stage, tokens, forwards)
+    _context_parallel(ledger, args, setup, stage, tokens, forwards)
+    _expert_parallel(ledger, args, setup, stage, tokens, forwards)
     return CommEstimate(setup, stage.pp_rank, dict(ledger.payload), dict(ledger.wire),
                         setup.micro_batch_size * setup.seq_len * setup.grad_accum_steps, approximate)
 
@@ -128,29 +141,39 @@ def _tensor_parallel(ledger: _Ledger, args: ModelArgs, setup: Setup, stage: Stag
 
 def _data_parallel(ledger: _Ledger, args: ModelArgs, setup: Setup, stage: Stage) -> list[str]:
     """Returns the dimensions whose figure is approximate."""
-    dp, w = setup.dp, setup.param_bytes
-    if dp == 1:
+    if setup.gradient_ranks == 1:
         return []
     lora = (setup.lora_targets, setup.lora_r) if setup.peft == "lora" else ((), 0)
-    tensors = stage_tensors(args, stage, *lora)
+    tensors = stage_tensors(args, stage, *lora, setup.ep)
+    split = setup.ep > 1  # without ep the experts are reduced like the rest
+    experts = [t for t in tensors if split and t.expert]
+    _gradient_sync(ledger, setup, "dp", [t for t in tensors if not (split and t.expert)], setup.gradient_ranks,
+                   setup.zero_shards, setup.dp_replicate)
+    _gradient_sync(ledger, setup, "ep_replicate", experts, setup.expert_shards, setup.expert_shards, 1)
+    return ["dp"] if setup.zero_stage == 3 and setup.pp > 1 else []
+
+
+def _gradient_sync(ledger: _Ledger, setup: Setup, dim: str, tensors: list, ranks: int, shard: int,
+                   replicas: int) -> None:
+    """The collectives of ``tensors``' data-parallel units over ``ranks`` (ZeRO-2/3: ``shard`` ranks per replica,
+    ``replicas`` replicas)."""
+    w = setup.param_bytes
     trainable = [t for t in tensors if t.trainable]
-    grads = w * sum(t.local_numel(setup.tp) for t in trainable)
     if setup.zero_stage in (0, 1):
+        grads = w * sum(t.local_numel(setup.tp) for t in trainable)
         passes = 2 if setup.fused and setup.clip_grad_norm > 0 else 1
-        ledger.add("dp", "all_reduce", grads, dp, passes)
+        ledger.add(dim, "all_reduce", grads, ranks, passes)
         if setup.zero_stage == 1:
-            ledger.add("dp", "broadcast", grads, dp)
-        return []
-    shard = setup.dp_shard  # all of dp, or the ranks of one HSDP replica
+            ledger.add(dim, "broadcast", grads, ranks)
+        return
     gathered = shard * w * sum(t.local_numel(setup.tp, shard) for t in tensors)
     scattered = shard * w * sum(t.local_numel(setup.tp, shard) for t in trainable)
     if setup.zero_stage == 2:
-        ledger.add("dp", "all_gather", gathered, shard, setup.grad_accum_steps)
+        ledger.add(dim, "all_gather", gathered, shard, setup.grad_accum_steps)
     else:
-        ledger.add("dp", "all_gather", gathered, shard, 2 * setup.grad_accum_steps * setup.n_microbatches)
-    ledger.add("dp", "reduce_scatter", scattered, shard)
-    ledger.add("dp_replicate", "all_reduce", scattered / shard, setup.dp_replicate)
-    return ["dp"] if setup.zero_stage == 3 and setup.pp > 1 else []
+        ledger.add(dim, "all_gather", gathered, shard, 2 * setup.grad_accum_steps * setup.n_microbatches)
+    ledger.add(dim, "reduce_scatter", scattered, shard)
+    ledger.add("dp_replicate", "all_reduce", scattered / shard, replicas)
 
 
 def _pipeline(ledger: _Ledger, args: ModelArgs, setup: Setup, stage: Stage, tokens: int, times: int) -> None:
@@ -163,3 +186,27 @@ def _pipeline(ledger: _Ledger, args: ModelArgs, setup: Setup, stage: Stage, toke
         sends = (stage_id < last) + (stage_id > 0)  # activations forward, input gradients backward
         ledger.add("pp", "send", boundary, setup.pp, sends * times)
         ledger.add("pp", "recv", boundary, setup.pp, sends * times)
+
+
+def _context_parallel(ledger: _Ledger, args: ModelArgs, setup: Setup, stage: Stage, tokens: int,
+                      times: int) -> None:
+    if setup.cp == 1:
+        return
+    width = args.n_kv_heads * args.head_dim_ // setup.tp
+    whole = tokens * setup.cp * width  # the gathered k (or v) of the whole sequence, elements
+    k_bytes = max(DTYPE_BYTES[setup.param_dtype], DTYPE_BYTES[setup.compute_dtype])  # rotary: k·cos (cos in R)
+    for size in (k_bytes, DTYPE_BYTES[setup.compute_dtype]):
+        ledger.add("cp", "all_gather", whole * size, setup.cp, stage.layers * times)
+        ledger.add("cp", "reduce_scatter", whole * size, setup.cp, stage.layers * times)
+
+
+def _expert_parallel(ledger: _Ledger, args: ModelArgs, setup: Setup, stage: Stage, tokens: int,
+                     times: int) -> None:
+    if setup.ep == 1:
+        return
+    rows = args.num_experts_per_tok * tokens * args.hidden_size
+    passes = stage.layers * times
+    dispatch, combine = rows * DTYPE_BYTES[setup.param_dtype], rows * DTYPE_BYTES[setup.compute_dtype]
+    ledger.add("ep", "all_to_all", dispatch + combine, setup.ep, 2 * passes)  # forward, and backward in reverse
+    if args.num_experts > CONTROL_MAX_NUMEL:
+        ledger.add("ep", "all_to_all", 8 * args.num_experts, setup.ep, passes)  # the counts per expert

@@ -78,6 +78,7 @@ def estimate_memory(args: ModelArgs, setup: Setup | None = None, pp_rank: int | 
     """Peak memory per GPU for ``setup`` (or ``Setup(**fields)``; fields override a given setup): of pipeline
     rank ``pp_rank``, by default of the rank with the highest peak."""
     setup = (setup or Setup()).replace(**fields) if fields else (setup or Setup())
+    setup.check_model(args)
     stages = setup_stages(args, setup)
     ranks = [_rank_estimate(args, setup, stage) for stage in stages]
     chosen = ranks[pp_rank] if pp_rank is not None else max(ranks, key=lambda r: r.peak_gib)
@@ -88,7 +89,7 @@ def estimate_memory(args: ModelArgs, setup: Setup | None = None, pp_rank: int | 
 # --- one pipeline rank -------------------------------------------------------------------------------------
 
 def _rank_estimate(args: ModelArgs, setup: Setup, stage: Stage) -> MemoryEstimate:
-    tensors = stage_tensors(args, stage, *_lora(setup))
+    tensors = stage_tensors(args, stage, *_local(setup))
     resident, host = _resident(setup, tensors)
     phases = {name: {**resident, **parts} for name, parts in _phase_parts(args, setup, stage, tensors).items()}
     totals = {name: sum(parts.values()) / GIB for name, parts in phases.items()}
@@ -99,22 +100,32 @@ def _rank_estimate(args: ModelArgs, setup: Setup, stage: Stage) -> MemoryEstimat
                           breakdown, totals, host / GIB, stage.pp_rank)
 
 
-def _lora(setup: Setup) -> tuple[tuple[str, ...], int]:
-    """(targets, rank) of the LoRA adapters, or no adapters."""
-    return (setup.lora_targets, setup.lora_r) if setup.peft == "lora" else ((), 0)
+def _local(setup: Setup) -> tuple[tuple[str, ...], int, int]:
+    """What a rank's inventory depends on: (targets, rank) of the LoRA adapters (or none), and ep."""
+    return ((setup.lora_targets, setup.lora_r) if setup.peft == "lora" else ((), 0)) + (setup.ep,)
+
+
+def zero_shards(setup: Setup, tensor: Tensor) -> int:
+    """Ranks ZeRO shards ``tensor`` over: under ep a routed expert over the ranks holding the same experts
+    (dp/ep), everything else over the data-parallel shard group × cp."""
+    return setup.expert_shards if tensor.expert and setup.ep > 1 else setup.zero_shards
+
+
+def sharded_numel(setup: Setup, tensors: list[Tensor], sharded: bool = True) -> int:
+    """Local elements of ``tensors`` (tp shards), each FSDP-sharded over its ZeRO group if ``sharded``."""
+    return sum(t.local_numel(setup.tp, zero_shards(setup, t) if sharded else 1) for t in tensors)
 
 
 def _resident(setup: Setup, tensors: list[Tensor]) -> tuple[dict[str, float], float]:
     """Bytes kept on the GPU for the whole step (weights at rest, master copy, optimizer state) and on the
     host (CPU offload: FSDP2 keeps the sharded parameters, gradients and the optimizer on the CPU)."""
-    dp_shards = setup.dp_shard if setup.zero_stage >= 2 else 1
-    weights = sum(t.local_numel(setup.tp, dp_shards) for t in tensors) * setup.param_bytes
-    state_shards = setup.dp_shard if setup.zero_stage >= 1 else 1
+    weights = sharded_numel(setup, tensors, setup.zero_stage >= 2) * setup.param_bytes
     trainable = [t for t in tensors if t.trainable]
-    state = optimizer_state_bytes(setup, trainable) / state_shards
-    master = _master_bytes(setup, trainable) / state_shards
+    shards = (lambda t: zero_shards(setup, t)) if setup.zero_stage >= 1 else (lambda t: 1)  # noqa: E731
+    state = sum(optimizer_state_bytes(setup, [t]) / shards(t) for t in trainable)
+    master = sum(_master_bytes(setup, [t]) / shards(t) for t in trainable)
     if setup.cpu_offload:
-        grads = sum(t.local_numel(setup.tp, setup.dp_shard) for t in trainable) * setup.param_bytes
+        grads = sharded_numel(setup, trainable) * setup.param_bytes
         return {"weights": 0.0, "master_weights": 0.0, "optimizer_state": 0.0}, weights + master + state + grads
     return {"weights": weights, "master_weights": master, "optimizer_state": state}, 0.0
 
@@ -145,7 +156,7 @@ def _master_bytes(setup: Setup, trainable: list[Tensor]) -> float:
 # --- what each phase adds --------------------------------------------------------------------------------
 
 def _phase_parts(args: ModelArgs, setup: Setup, stage: Stage, tensors: list[Tensor]) -> dict[str, dict]:
-    tokens = setup.micro_batch_size // setup.n_microbatches * setup.seq_len
+    tokens = setup.micro_batch_size // setup.n_microbatches * setup.local_seq_len
     per_microbatch = _saved_per_microbatch(args, setup, stage, tokens)
     saved = _in_flight(setup, stage) * per_microbatch
     steady = _in_flight_with_grads(setup, stage)
@@ -201,7 +212,7 @@ def _layer_transient(args: ModelArgs, setup: Setup, tokens: int, fused_update: f
     the other), plus the residual gradients alive throughout."""
     mlp = act.mlp_backward_bytes(args, setup) * tokens
     norm = act.norm_backward_bytes(args, setup) * tokens
-    residual = act.residual_grad_bytes(args, setup) * tokens
+    residual = (act.residual_grad_bytes(args, setup) + act.cp_backward_bytes(args, setup)) * tokens
     if _retains_graph(setup):  # nothing saved is freed during the norm pass: gradients add up
         return 1.5 * mlp + fused_update + residual
     return max(mlp, norm, fused_update) + residual
@@ -235,8 +246,13 @@ def _saved_per_microbatch(args: ModelArgs, setup: Setup, stage: Stage, tokens: i
         per_token += act.embedding_bytes() - _frozen_input_savings(args, setup, stage)
     if stage.has_head:
         per_token += sum(act.head_bytes(args, setup).values())
-    rotary = act.rotary_bytes(args, setup) * setup.seq_len
-    return per_token * tokens + rotary
+    rotary = act.rotary_bytes(args, setup) * setup.local_seq_len
+    return per_token * tokens + rotary + _cp_masks(args, setup, tokens)
+
+
+def _cp_masks(args: ModelArgs, setup: Setup, tokens: int) -> float:
+    """The context-parallel attention masks of one micro-batch (alive from its forward to the end of its backward)."""
+    return act.cp_mask_bytes(args, setup) if tokens else 0.0
 
 
 def _frozen_input_savings(args: ModelArgs, setup: Setup, stage: Stage) -> float:
@@ -257,8 +273,9 @@ def _top_recompute_bytes(args: ModelArgs, setup: Setup, stage: Stage, tokens: in
 
 
 def _last_layer_bytes(args: ModelArgs, setup: Setup, tokens: int) -> float:
-    """Activations still alive at the end of backward: those of the first layer (recomputed or saved)."""
-    return sum(act.layer_bytes(args, setup).values()) * tokens
+    """Activations still alive at the end of backward: those of the first layer (recomputed or saved), and the
+    context-parallel masks."""
+    return sum(act.layer_bytes(args, setup).values()) * tokens + _cp_masks(args, setup, tokens)
 
 
 def _loss_bytes(args: ModelArgs, setup: Setup, tokens: int) -> float:
@@ -292,7 +309,7 @@ def _first_layer_grads(args: ModelArgs, setup: Setup, stage: Stage) -> float:
     """Gradients not yet produced while the stage's first layer runs backward: that layer's and the
     embedding's (their share of what ``_final_grads`` counts at the end)."""
     frozen = setup.peft == "lora"
-    first = layer_tensors(args, *_lora(setup)) + (embedding_tensors(args, frozen) if stage.has_embedding else [])
+    first = layer_tensors(args, *_local(setup)) + (embedding_tensors(args, frozen) if stage.has_embedding else [])
     final = _final_grads(setup, first)
     return final if stage.layers else 0.0
 
@@ -325,7 +342,7 @@ def _final_grads(setup: Setup, tensors: list[Tensor]) -> float:
     if setup.fused:
         return _accumulated_grads(setup, tensors)
     if setup.zero_stage >= 2:
-        return 0.0 if setup.cpu_offload else setup.param_bytes * sum(t.local_numel(setup.tp, setup.dp_shard)
+        return 0.0 if setup.cpu_offload else setup.param_bytes * sum(t.local_numel(setup.tp, zero_shards(setup, t))
                                                                      for t in trainable)
     return setup.param_bytes * sum(t.local_numel(setup.tp) for t in trainable)
 
@@ -338,14 +355,14 @@ def _gathered_params(args: ModelArgs, setup: Setup, stage: Stage, moment: str) -
     reshards after forward (the root group too: its all-gather repeats in backward): the root group
     (embedding/norm/head) and a layer in forward, nothing between forward and backward, the root and two
     layers (the current and the prefetched) in backward. Measured on CPU with gloo."""
-    if setup.dp == 1:
+    if setup.gradient_ranks == 1:
         return 0.0
     w, tp = setup.param_bytes, setup.tp
     if setup.zero_stage < 3:
-        return w * sum(t.local_numel(tp) for t in stage_tensors(args, stage, *_lora(setup)))
-    layer = w * sum(t.local_numel(tp) for t in layer_tensors(args, *_lora(setup)))
+        return w * sum(t.local_numel(tp) for t in stage_tensors(args, stage, *_local(setup)))
+    layer = w * sum(t.local_numel(tp) for t in layer_tensors(args, *_local(setup)))
     ends = Stage(stage.pp_rank, 0, stage.has_embedding, stage.has_head, stage.stage_ids, ())
-    root = w * sum(t.local_numel(tp) for t in stage_tensors(args, ends, *_lora(setup)))
+    root = w * sum(t.local_numel(tp) for t in stage_tensors(args, ends, *_local(setup)))
     return {"forward": root + layer, "loss": 0.0, "backward": root + 2 * layer}[moment]
 
 
@@ -361,7 +378,7 @@ def _autocast_copies(args: ModelArgs, setup: Setup, stage: Stage) -> tuple[float
     kept_layers = stage.layers - act.checkpointed_layers(setup, stage.layer_ids)
     first = 0.0  # PEFT: q/k/v (and their lora_A) in the first layer read an input without grad: not saved
     if setup.peft != "none" and stage.has_embedding and stage.layers:
-        unsaved = [t for t in layer_tensors(args, *_lora(setup))
+        unsaved = [t for t in layer_tensors(args, *_local(setup))
                    if t.name.split(".")[0] in ("q_proj", "k_proj", "v_proj") and not t.name.endswith("lora_B")]
         first = sum(t.local_numel(setup.tp) for t in unsaved) * DTYPE_BYTES[setup.compute_dtype]
     return stage.layers * per_layer + head - first, kept_layers * per_layer + head - first
@@ -371,16 +388,16 @@ def _one_layer_copies(args: ModelArgs, setup: Setup) -> float:
     """Autocast copies of one layer's matrices (LoRA factors included)."""
     if not setup.autocast:
         return 0.0
-    linears = [t for t in layer_tensors(args, *_lora(setup)) if len(t.shape) == 2]
+    linears = [t for t in layer_tensors(args, *_local(setup)) if len(t.shape) == 2]
     return sum(t.local_numel(setup.tp) for t in linears) * DTYPE_BYTES[setup.compute_dtype]
 
 
 def _reduce_buffers(args: ModelArgs, setup: Setup) -> float:
     """Data-parallel reduction buffers of one layer group: FSDP2 copies a group's unsharded gradients into one
     flat buffer for the all-reduce (ZeRO-0/1) or reduce-scatter (ZeRO-2/3)."""
-    if setup.dp == 1 or setup.fused:
+    if setup.gradient_ranks == 1 or setup.fused:
         return 0.0
-    return setup.param_bytes * sum(t.local_numel(setup.tp) for t in layer_tensors(args))
+    return setup.param_bytes * sum(t.local_numel(setup.tp) for t in layer_tensors(args, ep=setup.ep))
 
 
 def _fused_update_bytes(setup: Setup, tensors: list[Tensor]) -> float:
@@ -389,8 +406,8 @@ def _fused_update_bytes(setup: Setup, tensors: list[Tensor]) -> float:
     temporary at a time (g², then the update; ``collie/optim/adalomo.py``). LOMO updates inside the gradient."""
     if not setup.fused:
         return 0.0
-    shards = setup.dp_shard if setup.zero_stage == 3 else 1
-    largest = max((t.local_numel(setup.tp, shards) for t in tensors if t.trainable), default=0)
+    largest = max((t.local_numel(setup.tp, zero_shards(setup, t) if setup.zero_stage == 3 else 1)
+                   for t in tensors if t.trainable), default=0)
     upcast = 4 if setup.param_bytes < 4 else 0
     extra = 4 if setup.optimizer == "adalomo" else 0
     return largest * (setup.param_bytes + upcast + extra)
@@ -400,9 +417,8 @@ def _step_temporaries(setup: Setup, tensors: list[Tensor]) -> float:
     """``step()`` temporaries (STEP_TEMPORARIES × local trainable state) and ZeRO-1's flat broadcast buffer
     (``shard_optimizer_state`` concatenates each owner's parameters)."""
     trainable = [t for t in tensors if t.trainable]
-    shards = setup.dp_shard if setup.zero_stage >= 1 else 1
     state_bytes = 4 if setup.master_weights else setup.param_bytes
-    local = sum(t.local_numel(setup.tp) for t in trainable) / shards
+    local = sum(t.local_numel(setup.tp) / (zero_shards(setup, t) if setup.zero_stage >= 1 else 1) for t in trainable)
     temporaries = STEP_TEMPORARIES[setup.optimizer] * local * state_bytes
-    broadcast = local * setup.param_bytes if setup.zero_stage == 1 and setup.dp > 1 else 0.0
+    broadcast = local * setup.param_bytes if setup.zero_stage == 1 and setup.gradient_ranks > 1 else 0.0
     return temporaries + broadcast

@@ -1,5 +1,5 @@
-"""Search dp × tp × pp (× HSDP replicas × ZeRO stage × activation checkpointing × sequence parallel) for layouts
-that fit.
+"""Search dp × tp × pp (× HSDP replicas × ZeRO stage × activation checkpointing × sequence parallel × expert
+parallel × context parallel) for layouts that fit.
 
 Every candidate is checked with collie's own layout rules (``validate_model_for_layout``, and
 ``collie.layout_rules``, which ``Setup`` runs as config load does), its memory estimated, and the ones that
@@ -13,11 +13,16 @@ fit ranked by a simple step-time model:
     dp       = max(0, bytes sent / bandwidth − backward compute)   (gradient sync overlaps backward)
     offload  = (parameters + gradients moved over PCIe) / PCIe bandwidth
 
-A group uses NVLink when it fits in a node (the mesh is (pp, dp_replicate, dp_shard, tp), tp innermost), else
+A group uses NVLink when it fits in a node (the mesh is (pp, dp_replicate, dp_shard, cp, tp), tp innermost), else
 the network. On more than one node, ZeRO-2/3 layouts are also tried as HSDP: ``dp_replicate`` replicas whose
 shard group (tp·dp_shard GPUs) fits in a node, so that all-gathers and reduce-scatters stay on NVLink and only
 the all-reduce of each rank's gradient shard crosses nodes (``dp_replicate`` in the sent bytes). It ranks
 layouts; it does not predict throughput to better than a factor of about 1.5.
+
+Mixture-of-experts models: every ep that divides dp and num_experts is tried (the rules allowing); the FLOPs are
+those of the active parameters, and the all-to-alls are on the critical path. Context parallelism is proposed only
+where it is needed: layouts of a tp × pp with cp > 1 are tried only when no layout of that tp × pp fits with a
+smaller cp (its ranks given to dp), i.e. the smallest cp that fits; its k/v all-gathers are on the critical path.
 """
 from __future__ import annotations
 
@@ -26,9 +31,11 @@ from dataclasses import dataclass
 from types import SimpleNamespace
 
 from collie.errors import ConfigError
+from collie.layout_rules import check_context_parallel
 from collie.estimate.communication import estimate_communication
 from collie.estimate.memory import MemoryEstimate, estimate_memory
 from collie.estimate.setup import Setup
+from collie.estimate.shapes import active_params
 from collie.models.args import ModelArgs
 from collie.monitor.meters import flops_per_token
 
@@ -54,7 +61,8 @@ class PlanRow:
 
     def to_dict(self) -> dict:
         s = self.setup
-        return {"dp": s.dp, "dp_replicate": s.dp_replicate, "tp": s.tp, "pp": s.pp, "zero_stage": s.zero_stage,
+        return {"dp": s.dp, "dp_replicate": s.dp_replicate, "tp": s.tp, "pp": s.pp, "cp": s.cp, "ep": s.ep,
+                "zero_stage": s.zero_stage,
                 "cpu_offload": s.cpu_offload,
                 "activation_checkpointing": s.activation_checkpointing, "sequence_parallel": s.sequence_parallel,
                 "pp_schedule": s.pp_schedule, "pp_microbatches": s.n_microbatches,
@@ -71,19 +79,25 @@ def plan(args: ModelArgs, num_gpus: int, gpu_mem_gib: float, base: Setup | None 
 
     ``base`` gives the recipe (optimizer, dtypes, seq_len, PEFT, micro_batch_size = sequences per pipeline
     micro-batch); ``global_batch`` sequences per optimizer step (default: 4 per GPU). ``keep="best"`` keeps the
-    best row per (dp, dp_replicate, tp, pp); ``"all"`` every fitting candidate."""
+    best row per (dp, dp_replicate, tp, pp, cp, ep); ``"all"`` every fitting candidate."""
     base = base or Setup()
     hardware = hardware or Hardware()
     global_batch = global_batch or 4 * num_gpus
     candidates = _candidates(args, num_gpus, base, global_batch, zero_stages, checkpointing, offload,
                              hardware.gpus_per_node)
-    rows = [row for setup in candidates
-            if (row := _evaluate(args, setup, gpu_mem_gib, hardware)) is not None]
+    rows, fitting_cp = [], {}  # (tp, pp) -> the smallest cp at which some layout of them fits
+    for setup in candidates:  # cp ascending
+        if fitting_cp.get((setup.tp, setup.pp), setup.cp) < setup.cp:
+            continue  # fits without splitting the sequence further
+        if (row := _evaluate(args, setup, gpu_mem_gib, hardware)) is not None:
+            rows.append(row)
+            fitting_cp[setup.tp, setup.pp] = setup.cp
     rows.sort(key=lambda r: -r.tokens_per_s_per_gpu)
     if keep == "best":
         seen, best = set(), []
         for row in rows:
-            key = (row.setup.dp, row.setup.dp_replicate, row.setup.tp, row.setup.pp)
+            s = row.setup
+            key = (s.dp, s.dp_replicate, s.tp, s.pp, s.cp, s.ep)
             if key not in seen:
                 seen.add(key)
                 best.append(row)
@@ -92,28 +106,39 @@ def plan(args: ModelArgs, num_gpus: int, gpu_mem_gib: float, base: Setup | None 
 
 
 def _candidates(args, num_gpus, base, global_batch, zero_stages, checkpointing, offload, gpus_per_node):
-    for tp, pp in itertools.product(_divisors(num_gpus), repeat=2):
-        if num_gpus % (tp * pp):
+    for cp, tp, pp in itertools.product(_divisors(num_gpus), repeat=3):  # cp outermost: see plan()
+        if num_gpus % (tp * pp * cp):
             continue
-        dp = num_gpus // (tp * pp)
-        if global_batch % dp or not _layout_ok(args, base, tp, pp):
+        dp = num_gpus // (tp * pp * cp)
+        if global_batch % dp or not _cp_composes(base, tp, pp, cp) or not _layout_ok(args, base, tp, pp, cp):
             continue
         batch = _batching(base, pp, global_batch // dp)
         if batch is None:
             continue
         boundaries = base.pp_boundaries if pp == base.pp else None  # the job's split fits only its own pp
-        replicas = _replica_choices(num_gpus, dp, tp, gpus_per_node)
-        for zero, replicate, ckpt, sp, off in itertools.product(zero_stages, replicas, checkpointing, (False, True),
-                                                                (False, True)):
-            if (zero > 0 and dp == 1) or (off and not offload) or (replicate > 1 and zero < 2):  # search space
+        replicas = _replica_choices(num_gpus, dp, tp * cp, gpus_per_node)
+        experts = [ep for ep in _divisors(dp) if args.num_experts and args.num_experts % ep == 0] or [1]
+        for zero, replicate, ckpt, sp, off, ep in itertools.product(zero_stages, replicas, checkpointing,
+                                                                    (False, True), (False, True), experts):
+            if (zero > 0 and dp * cp == 1) or (off and not offload) or (replicate > 1 and zero < 2):  # search space
                 continue
             try:  # Setup.check runs collie's layout rules (collie.layout_rules), as config load does
-                setup = base.replace(dp=dp, dp_replicate=replicate, tp=tp, pp=pp, zero_stage=zero,
+                setup = base.replace(dp=dp, dp_replicate=replicate, tp=tp, pp=pp, cp=cp, ep=ep, zero_stage=zero,
                                      activation_checkpointing=ckpt, sequence_parallel=sp, cpu_offload=off,
                                      pp_boundaries=boundaries, **batch)
+                setup.check_model(args)
             except ConfigError:
                 continue
             yield setup
+
+
+def _cp_composes(base: Setup, tp: int, pp: int, cp: int) -> bool:
+    """collie's rule for cp with the other dimensions, checked once per (tp, pp, cp) rather than per candidate."""
+    try:
+        check_context_parallel(cp, tp, pp, base.engine, base.peft)
+    except ConfigError:
+        return False
+    return True
 
 
 def _replica_choices(num_gpus: int, dp: int, tp: int, gpus_per_node: int) -> list[int]:
@@ -137,9 +162,9 @@ def _batching(base: Setup, pp: int, per_replica: int) -> dict | None:
     return {"micro_batch_size": mbs * n, "grad_accum_steps": chunks // n, "pp_microbatches": n}
 
 
-def _layout_ok(args: ModelArgs, base: Setup, tp: int, pp: int) -> bool:
+def _layout_ok(args: ModelArgs, base: Setup, tp: int, pp: int, cp: int = 1) -> bool:
     from collie.distributed.mesh import validate_model_for_layout
-    cfg = SimpleNamespace(tp=tp, pp=pp, pp_schedule=base.pp_schedule, pp_boundaries=None)
+    cfg = SimpleNamespace(tp=tp, pp=pp, cp=cp, ep=1, pp_schedule=base.pp_schedule, pp_boundaries=None)
     try:
         validate_model_for_layout(args, cfg, tp, pp)
     except ConfigError:
@@ -160,14 +185,15 @@ def _evaluate(args: ModelArgs, setup: Setup, gpu_mem_gib: float, hw: Hardware) -
 def step_seconds(args: ModelArgs, setup: Setup, wire: dict[str, float], hw: Hardware) -> float:
     """The step-time model of the module docstring."""
     tokens = setup.micro_batch_size * setup.seq_len * setup.grad_accum_steps * setup.dp
-    flops = flops_per_token(args.num_params(), args.num_hidden_layers, args.hidden_size, setup.seq_len) * tokens
+    flops = flops_per_token(active_params(args), args.num_hidden_layers, args.hidden_size, setup.seq_len) * tokens
     compute = flops / setup.world_size / (hw.peak_tflops * 1e12 * hw.efficiency)
     compute *= 1 + _recompute_fraction(setup)
     bubble = compute * (setup.pp - 1) / (setup.n_microbatches * setup.stages_per_rank) if setup.pp > 1 else 0.0
     seconds = compute + bubble
-    for dim in ("tp", "pp"):
+    for dim in ("tp", "pp", "cp", "ep"):  # on the critical path
         seconds += wire.get(dim, 0.0) / (_bandwidth(setup, dim, hw) * 1e9)
-    dp_time = sum(wire.get(dim, 0.0) / (_bandwidth(setup, dim, hw) * 1e9) for dim in ("dp", "dp_replicate"))
+    dp_time = sum(wire.get(dim, 0.0) / (_bandwidth(setup, dim, hw) * 1e9)
+                  for dim in ("dp", "dp_replicate", "ep_replicate"))
     seconds += max(0.0, dp_time - 2 / 3 * compute)
     if setup.cpu_offload:
         moved = 2 * args.num_params() / setup.world_size * setup.param_bytes * setup.grad_accum_steps
@@ -186,10 +212,12 @@ def _recompute_fraction(setup: Setup) -> float:
 
 
 def _bandwidth(setup: Setup, dim: str, hw: Hardware) -> float:
-    """NVLink when the dimension's groups stay inside a node (mesh order pp, dp_replicate, dp_shard, tp), else the
-    network. "dp" is the shard group (all of dp without HSDP), "dp_replicate" the replicas."""
-    span = {"tp": setup.tp, "dp": setup.tp * setup.dp_shard, "dp_replicate": setup.tp * setup.dp,
-            "pp": setup.world_size}[dim]
+    """NVLink when the dimension's groups stay inside a node (mesh order pp, dp_replicate, dp_shard, cp, tp), else
+    the network. "dp" is the shard group (all of dp without HSDP, × cp), "dp_replicate" the replicas; the ep ranks
+    are neighbouring dp ranks, "ep_replicate" (the ranks holding the same experts) spans dp."""
+    inner = setup.tp * setup.cp
+    span = {"tp": setup.tp, "cp": inner, "dp": inner * setup.dp_shard, "dp_replicate": inner * setup.dp,
+            "ep": inner * setup.ep, "ep_replicate": inner * setup.dp, "pp": setup.world_size}[dim]
     return hw.nvlink_gbps if span <= hw.gpus_per_node else hw.network_gbps
 
 

@@ -10,7 +10,8 @@ from dataclasses import dataclass
 from typing import Optional
 
 from collie.errors import ConfigError
-from collie.layout_rules import check_layout, pipeline_microbatches
+from collie.layout_rules import (check_expert_parallel, check_expert_parallel_model, check_layout,
+                                 pipeline_microbatches)
 
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 PRECISION_DTYPE = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -27,6 +28,8 @@ class Setup:
     dp_replicate: int = 1  # HSDP replicas (parallel.dp_replicate): ZeRO-2/3 shard over dp / dp_replicate ranks
     tp: int = 1
     pp: int = 1
+    cp: int = 1  # context parallel (parallel.cp): each sequence split over cp ranks; ZeRO shards over dp × cp
+    ep: int = 1  # expert parallel (parallel.ep): the routed experts split over ep ranks carved from dp
     zero_stage: int = 0
     cpu_offload: bool = False
     sequence_parallel: bool = False
@@ -50,7 +53,8 @@ class Setup:
     grad_accum_steps: int = 1
     # k/v repeated to every query head before SDPA: collie does so only on CUDA with an explicit mask (a sliding
     # window shorter than the sequence, left padding); causal and per-document attention read them unexpanded
-    expand_kv_heads: bool = False
+    # (None: collie's choice on CUDA, i.e. only under cp, whose attention takes an explicit mask)
+    expand_kv_heads: Optional[bool] = None
     hold_logits: Optional[bool] = None  # logits alive through backward; None = collie's loop: only under pp
 
     def __post_init__(self):
@@ -65,12 +69,48 @@ class Setup:
 
     @property
     def dp_shard(self) -> int:
-        """Ranks that share (shard) one copy of the parameters, gradients and optimizer state under ZeRO."""
+        """Data-parallel ranks of one HSDP replica (all of dp without HSDP)."""
         return self.dp // self.dp_replicate
 
     @property
+    def zero_shards(self) -> int:
+        """Ranks that share (shard) one copy of the non-expert parameters, gradients and optimizer state under
+        ZeRO: a replica's dp ranks × cp (collie folds cp into the data-parallel mesh, as torchtitan does)."""
+        return self.dp_shard * self.cp
+
+    @property
+    def gradient_ranks(self) -> int:
+        """Ranks whose gradients are summed: dp × cp."""
+        return self.dp * self.cp
+
+    @property
+    def expert_shards(self) -> int:
+        """Ranks holding the same routed experts (the "ep_replicate" column of the (dp/ep, ep) grid): ZeRO shards
+        the experts over them, and their gradients are summed over them only."""
+        return self.dp // self.ep
+
+    @property
     def world_size(self) -> int:
-        return self.dp * self.tp * self.pp
+        return self.dp * self.tp * self.pp * self.cp
+
+    @property
+    def local_seq_len(self) -> int:
+        """Tokens of a sequence on one rank: s/cp, the sequence padded to a multiple of 2·cp first
+        (``collie.distributed.context_parallel``)."""
+        if self.cp == 1:
+            return self.seq_len
+        return -(-self.seq_len // (2 * self.cp)) * 2
+
+    @property
+    def padded_seq_len(self) -> int:
+        """The whole (padded) sequence whose keys and values every cp rank gathers."""
+        return self.local_seq_len * self.cp
+
+    @property
+    def kv_repeated(self) -> bool:
+        """Whether k/v reach SDPA repeated to every query head: on CUDA only with an explicit mask, which
+        context parallelism passes (``collie.models.attention_kernels``)."""
+        return self.cp > 1 if self.expand_kv_heads is None else self.expand_kv_heads
 
     @property
     def n_microbatches(self) -> int:
@@ -106,7 +146,7 @@ class Setup:
 
     # --- checks ----------------------------------------------------------------------------------------------
     def check(self) -> None:
-        for name in ("dp", "dp_replicate", "tp", "pp", "micro_batch_size", "seq_len", "grad_accum_steps",
+        for name in ("dp", "dp_replicate", "tp", "pp", "cp", "ep", "micro_batch_size", "seq_len", "grad_accum_steps",
                      "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"estimate: {name}={getattr(self, name)} must be >= 1")
@@ -122,12 +162,19 @@ class Setup:
         unknown = [t for t in self.lora_targets if t not in LINEAR_NAMES]
         if unknown:
             raise ConfigError(f"estimate: lora target(s) {unknown} unknown; choose from {', '.join(LINEAR_NAMES)}")
-        check_layout(dp=self.dp, tp=self.tp, pp=self.pp, zero_stage=self.zero_stage, engine=self.engine,
+        check_layout(dp=self.dp, tp=self.tp, pp=self.pp, cp=self.cp, zero_stage=self.zero_stage, engine=self.engine,
                      dp_replicate=self.dp_replicate,
                      optimizer=self.optimizer, fused=self.fused, micro_batch_size=self.micro_batch_size,
                      pp_microbatches=self.pp_microbatches, pp_schedule=self.pp_schedule,
                      pp_boundaries=self.pp_boundaries, seq_len=self.seq_len, sequence_parallel=self.sequence_parallel,
                      cpu_offload=self.cpu_offload, peft=self.peft)
+        check_expert_parallel(self.ep, dp=self.dp, tp=self.tp, pp=self.pp, cp=self.cp, dp_replicate=self.dp_replicate,
+                              engine=self.engine, fused=self.fused, optimizer=self.optimizer, peft=self.peft,
+                              cpu_offload=self.cpu_offload)
+
+    def check_model(self, args) -> None:
+        """The rules that need the model: ep needs routed experts, num_experts/ep on every rank."""
+        check_expert_parallel_model(self.ep, args.architecture, args.num_experts)
 
     # --- from a job config -----------------------------------------------------------------------------------
     @classmethod
@@ -137,14 +184,14 @@ class Setup:
         if cfg.peft.method not in ("none", "lora"):
             raise ConfigError(f"collie estimate models peft.method none and lora, not {cfg.peft.method!r} "
                               f"(its few trainable parameters make it close to LoRA with a small r)")
-        dp = p.dp
+        dp, other = p.dp, p.tp * p.pp * p.cp
         if dp == -1:
-            dp = max(1, (world_size or p.tp * p.pp) // (p.tp * p.pp))
+            dp = max(1, (world_size or other) // other)
         from collie.builders import precision, storage_dtype
         # collie's fp32 master weights for 16-bit models: fp32 parameters, 16-bit autocast
         param_dtype = str(storage_dtype(cfg)).removeprefix("torch.")
         return cls(
-            dp=dp, dp_replicate=p.dp_replicate, tp=p.tp, pp=p.pp, zero_stage=p.zero_stage, cpu_offload=p.cpu_offload,
+            dp=dp, dp_replicate=p.dp_replicate, tp=p.tp, pp=p.pp, cp=p.cp, ep=p.ep, zero_stage=p.zero_stage, cpu_offload=p.cpu_offload,
             sequence_parallel=p.sequence_parallel, pp_schedule=p.pp_schedule, pp_microbatches=p.pp_microbatches,
             pp_split=p.pp_split, pp_boundaries=tuple(p.pp_boundaries) if p.pp_boundaries else None,
             engine=p.engine, optimizer=cfg.optim.name, clip_grad_norm=cfg.optim.clip_grad_norm,

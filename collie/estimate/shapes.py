@@ -23,6 +23,7 @@ class Tensor:
     shape: tuple[int, ...]
     tp_dim: int | None
     trainable: bool = True
+    expert: bool = False  # a routed expert's: split over ep ranks, ZeRO-sharded over the ranks holding it
 
     @property
     def numel(self) -> int:
@@ -44,14 +45,15 @@ class Tensor:
         return math.ceil(shape[0] / dp_shards) * math.prod(shape[1:])
 
 
-def layer_tensors(args: ModelArgs, lora_targets: tuple[str, ...] = (), lora_r: int = 0) -> list[Tensor]:
-    """The parameters of one decoder layer; with LoRA the base weights are frozen and adapters added."""
+def layer_tensors(args: ModelArgs, lora_targets: tuple[str, ...] = (), lora_r: int = 0, ep: int = 1) -> list[Tensor]:
+    """The parameters of one decoder layer on one rank; with LoRA the base weights are frozen and adapters added;
+    with ``ep`` > 1 a rank holds num_experts/ep of the routed experts."""
     h, d = args.hidden_size, args.head_dim_
     q, kv, inner = args.num_attention_heads * d, args.n_kv_heads * d, args.intermediate_size
     frozen = bool(lora_r)
     out = [Tensor("q_proj", (q, h), 0, not frozen), Tensor("k_proj", (kv, h), 0, not frozen),
            Tensor("v_proj", (kv, h), 0, not frozen), Tensor("o_proj", (h, q), 1, not frozen),
-           *(_moe_tensors(args, frozen) if args.num_experts else
+           *(_moe_tensors(args, frozen, ep) if args.num_experts else
              [Tensor("gate_proj", (inner, h), 0, not frozen), Tensor("up_proj", (inner, h), 0, not frozen),
               Tensor("down_proj", (h, inner), 1, not frozen)]),
            Tensor("input_layernorm", (h,), None, not frozen), Tensor("post_attention_layernorm", (h,), None,
@@ -77,16 +79,27 @@ def layer_tensors(args: ModelArgs, lora_targets: tuple[str, ...] = (), lora_r: i
     return out
 
 
-def _moe_tensors(args: ModelArgs, frozen: bool) -> list[Tensor]:
+def _moe_tensors(args: ModelArgs, frozen: bool, ep: int = 1) -> list[Tensor]:
     """A sparse MoE block (collie.models.moe): the router and one SwiGLU per routed expert, each its own
-    parameters (FSDP shards each on its own), plus the shared expert and its gate; not tensor parallel."""
+    parameters (FSDP shards each on its own; expert parallelism keeps num_experts/ep of them on a rank,
+    ``collie.distributed.expert_parallel``), plus the shared expert and its gate; not tensor parallel."""
     h, inner, shared = args.hidden_size, args.moe_intermediate_size_, args.shared_expert_intermediate_size
-    expert = lambda width: [Tensor(f"experts.{name}", shape, None, not frozen) for name, shape in (  # noqa: E731
+    expert = lambda width, routed: [Tensor(f"{'experts' if routed else 'shared_expert'}.{name}", shape, None,  # noqa: E731
+                                           not frozen, routed) for name, shape in (
         ("gate_proj", (width, h)), ("up_proj", (width, h)), ("down_proj", (h, width)))]
-    out = [Tensor("router", (args.num_experts, h), None, not frozen), *expert(inner) * args.num_experts]
+    out = [Tensor("router", (args.num_experts, h), None, not frozen), *expert(inner, True) * (args.num_experts // ep)]
     if shared:
-        out += [*expert(shared), Tensor("shared_expert_gate", (1, h), None, not frozen)]
+        out += [*expert(shared, False), Tensor("shared_expert_gate", (1, h), None, not frozen)]
     return out
+
+
+def active_params(args: ModelArgs) -> int:
+    """Parameters one token passes through: all but the routed experts it is not sent to (top-k of them)."""
+    if not args.num_experts:
+        return args.num_params()
+    routed = sum(t.numel for t in _moe_tensors(args, False) if t.expert)
+    idle = routed * (args.num_experts - args.num_experts_per_tok) // args.num_experts
+    return args.num_params() - idle * args.num_hidden_layers
 
 
 def embedding_tensors(args: ModelArgs, frozen: bool = False) -> list[Tensor]:
@@ -148,11 +161,12 @@ def model_tensors(args: ModelArgs) -> list[Tensor]:
     return embedding_tensors(args) + layer_tensors(args) * args.num_hidden_layers + head_tensors(args)
 
 
-def stage_tensors(args: ModelArgs, stage: Stage, lora_targets=(), lora_r: int = 0) -> list[Tensor]:
-    """The parameters one pp rank holds (layers repeated; embedding/head where the stage has them)."""
+def stage_tensors(args: ModelArgs, stage: Stage, lora_targets=(), lora_r: int = 0, ep: int = 1) -> list[Tensor]:
+    """The parameters one pp rank holds (layers repeated; embedding/head where the stage has them; 1/ep of the
+    routed experts)."""
     frozen = bool(lora_r)
     out = embedding_tensors(args, frozen) if stage.has_embedding else []
-    out += layer_tensors(args, lora_targets, lora_r) * stage.layers
+    out += layer_tensors(args, lora_targets, lora_r, ep) * stage.layers
     if stage.has_head:
         out += head_tensors(args, frozen)
         if args.tie_word_embeddings and not stage.has_embedding:  # unreachable: collie forbids tied + pp
