@@ -155,9 +155,9 @@ def check_context_parallel(cp: int, tp: int = 1, pp: int = 1, engine: str = "nat
         return
     what = f"parallel.cp={cp}"
     if pp > 1 and document_masking:
-        raise ConfigError(f"{what} with parallel.pp={pp} cannot mask packed documents: their (row × query × key) "
-                          f"masks do not follow the pipeline's micro-batches; set data.document_masking=false, or "
-                          f"parallel.pp=1 or parallel.cp=1")
+        raise ConfigError(f"{what} with parallel.pp={pp} cannot mask packed documents: each row's attention is cut at "
+                          f"its own document starts, which do not follow the pipeline's micro-batches; set "
+                          f"data.document_masking=false, or parallel.pp=1 or parallel.cp=1")
     if engine != "native":
         raise ConfigError(f"{what} needs parallel.engine=native: DeepSpeed reduces gradients over its own "
                           f"data-parallel group, which does not include the cp ranks")

@@ -6,11 +6,11 @@ Load balance: the (padded) sequence is cut into 2·cp equal chunks and cp rank r
 splits token ids, positions and next-token targets before the model runs (``ContextParallel.shard``); the model
 itself is unchanged: ``apply`` replaces the ``kernel(q, k, v, mask)`` of every decoder layer's attention with one
 that gathers k/v of the whole sequence (differentiable: funcol's all-gather, whose backward reduce-scatters the k/v
-gradients to their owners) and attends this rank's queries to them by *global* positions. Plain causal SDPA on CPU
-needs no mask: each chunk attends its own block causally and the keys before it fully, merged by log-sum-exp
+gradients to their owners) and attends this rank's queries to them by *global* positions. Causal SDPA on CPU, also
+within packed documents (``data.document_masking``), needs no mask: each chunk (cut at document starts) attends
+its own block causally and the keys before it (back to its document's start) fully, merged by log-sum-exp
 (``chunked_causal_attention``). Everything else (padding that is not at the right, a sliding window shorter than the
-sequence, packed documents with ``data.document_masking``, soft-capped scores, CUDA) runs the layer's own kernel
-under one (s/cp × s) mask per forward.
+sequence, soft-capped scores, CUDA) runs the layer's own kernel under one (s/cp × s) mask per forward.
 
 All-gather rather than ring attention: exact with any mask and any kernel, and k/v are small under GQA
 (kv_heads/heads of the queries), so the gathered copy costs less than the queries a rank holds. Ring attention
@@ -21,6 +21,7 @@ the model's own and every cp rank runs the whole sequence (the model is replicat
 """
 from __future__ import annotations
 
+import bisect
 import contextlib
 from dataclasses import dataclass, field
 from functools import cached_property, partial
@@ -55,16 +56,19 @@ class SequenceShard:
     documents: torch.Tensor | None  # (b, s) document ids with data.document_masking
     _masks: dict = field(default_factory=dict)
 
-    @property
-    def causal(self) -> bool:
-        """Plain causal attention by global position: no mask is needed (``chunked_causal_attention``)."""
-        return self.padding is None and self.documents is None
-
     @cached_property
-    def chunk_starts(self) -> list[int]:
-        """Global start of each of this rank's two chunks."""
+    def segments(self) -> list[tuple] | None:
+        """This rank's queries as the segments of ``chunked_causal_attention`` (each attends, by global position,
+        the keys of its document up to itself): the two chunks, cut at document starts when packed documents are
+        masked; None when the padding needs a mask (not right padding)."""
+        if self.padding is not None:
+            return None
         chunk = len(self.query_positions) // 2
-        return [int(self.query_positions[0]), int(self.query_positions[chunk])]
+        starts = [int(self.query_positions[0]), int(self.query_positions[chunk])]
+        if self.documents is None:
+            return [(None, i * chunk, chunk, 0, start) for i, start in enumerate(starts)]
+        return [segment for row, docs in enumerate(self.documents)
+                for segment in _document_segments(row, docs, starts, chunk)]
 
     @cached_property
     def key_order(self) -> torch.Tensor:
@@ -94,6 +98,16 @@ class SequenceShard:
         return self._masks[window, dtype]
 
 
+def _document_segments(row: int, documents: torch.Tensor, starts: list[int], chunk: int):
+    """The segments of one row's chunks (global ``starts``, ``chunk`` long) cut at its document starts."""
+    doc_starts = [0, *(torch.nonzero(documents[1:] != documents[:-1]).flatten() + 1).tolist()]
+    for index, start in enumerate(starts):
+        end = start + chunk
+        cuts = [start, *(d for d in doc_starts if start < d < end), end]
+        for a, b in zip(cuts, cuts[1:]):
+            yield row, index * chunk + a - start, b - a, doc_starts[bisect.bisect_right(doc_starts, a) - 1], a
+
+
 class ContextParallel:
     """The plan of one cp group: applied once to a model (``apply``), then each forward that should run split
     goes through ``shard`` and ``attending``."""
@@ -116,8 +130,9 @@ class ContextParallel:
 
     def shard(self, batch: dict, document_masking: bool = False) -> SequenceShard:
         """Split a collated batch (``input_ids``, ``labels``, ``attention_mask``, ``position_ids``) for this rank.
-        The sequence is right-padded to a multiple of 2·cp·``sequence_multiple`` (padding tokens have no loss and no real token sees
-        them); the targets are shifted before the split, so no next-token pair is lost at a chunk boundary."""
+        The sequence is right-padded to a multiple of 2·cp·``sequence_multiple`` (padding tokens have no loss and
+        no real token sees them); the targets are shifted before the split, so no next-token pair is lost at a
+        chunk boundary."""
         input_ids, padding = batch["input_ids"], batch["attention_mask"]
         positions = batch.get("position_ids")
         if positions is None:
@@ -127,7 +142,8 @@ class ContextParallel:
         if extra:
             input_ids, padding = F.pad(input_ids, (0, extra)), F.pad(padding, (0, extra))
             targets = F.pad(targets, (0, extra), value=IGNORE_INDEX)
-            positions = torch.cat([positions, positions[:, -1:] + torch.arange(1, extra + 1, device=positions.device)], 1)
+            more = positions[:, -1:] + torch.arange(1, extra + 1, device=positions.device)
+            positions = torch.cat([positions, more], 1)
         seq_len, device = input_ids.shape[1], input_ids.device
         mine = shard_positions(seq_len, self.cp, self.rank, device)
         keys = torch.cat([shard_positions(seq_len, self.cp, r, device) for r in range(self.cp)])
@@ -147,15 +163,17 @@ class ContextParallel:
     def _attend(self, kernel, window, sdpa: bool, scale, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 mask) -> torch.Tensor:
         """``kernel`` over k/v of the whole sequence; ``mask`` (built by the model from local indices) is
-        replaced by the shard's mask by global positions. Unsplit forwards call ``kernel`` as it is. Plain causal
-        SDPA layers on CPU need no mask at all: ``chunked_causal_attention`` over the keys in global order."""
+        replaced by the shard's mask by global positions. Unsplit forwards call ``kernel`` as it is. Causal SDPA
+        layers on CPU (within documents too) need no mask: ``chunked_causal_attention`` over the keys in global
+        order."""
         if self._shard is None:
             return kernel(q, k, v, mask)
         shard = self._shard
         k = all_gather_single_autograd(k.contiguous(), 2, self.mesh)
         v = all_gather_single_autograd(v.contiguous(), 2, self.mesh)
-        if sdpa and shard.causal and q.device.type == "cpu" and (window is None or window >= k.shape[2]):
+        unwindowed = window is None or window >= k.shape[2]
+        if sdpa and unwindowed and shard.segments is not None and q.device.type == "cpu":
             order = shard.key_order
-            return chunked_causal_attention(q, k.index_select(2, order), v.index_select(2, order),
-                                            shard.chunk_starts, scale)
+            return chunked_causal_attention(q, k.index_select(2, order), v.index_select(2, order), shard.segments,
+                                            scale)
         return kernel(q, k, v, shard.mask(window, q.dtype if sdpa else None))

@@ -35,7 +35,7 @@ class PipelineEngine(Engine):
         if plan is None:
             return contextlib.nullcontext(), batch["input_ids"], batch["labels"], self.model_inputs(batch)
         shard = plan.shard(batch)
-        if not shard.causal:  # a (row × query × key) mask would not follow the micro-batches
+        if shard.padding is not None:  # a (row × query × key) mask would not follow the micro-batches
             raise ValueError("parallel.cp with parallel.pp needs right-padded batches (training data is)")
         return plan.attending(shard), shard.input_ids, shard.targets, {"position_ids": shard.position_ids}
 

@@ -100,16 +100,18 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x[:, :, None].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
 
 
-def chunked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: list[int],
+def chunked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments,
                              scale: float | None = None) -> torch.Tensor:
-    """Causal attention of query chunks that sit at other positions than their index: ``q`` (batch, heads, n·c, d)
-    holds n chunks of c queries, chunk i at positions ``starts[i]`` … ``starts[i]``+c−1 of the (batch, kv_heads,
-    S, d) keys/values, and attends every key up to its own position — the split of context parallelism.
+    """Causal attention of query segments that sit elsewhere among the keys — the split of context parallelism.
+    ``q`` (batch, heads, n, d) over (batch, kv_heads, S, d) keys/values; each of ``segments`` is (row, start,
+    length, first_key, position): queries ``start`` … ``start``+length−1 of row ``row`` (None: every row) are
+    keys ``position`` … ``position``+length−1 and attend every key from ``first_key`` up to their own (their
+    document's start, or 0). Together the segments must cover every query once.
 
-    No mask is built: each chunk runs CPU flash attention twice, causally over its own block of keys and fully over
+    No mask is built: a segment runs CPU flash attention twice, causally over its own block of keys and fully over
     the keys before it, and the two results are merged by their log-sum-exps (the merge of ring attention). Only
     q, k, v, the output and the log-sum-exp are saved; backward recomputes each block from them."""
-    return _ChunkedCausalAttention.apply(q, k, v, tuple(starts), q.shape[-1] ** -0.5 if scale is None else scale)
+    return _ChunkedCausalAttention.apply(q, k, v, tuple(segments), q.shape[-1] ** -0.5 if scale is None else scale)
 
 
 class _ChunkedCausalAttention(torch.autograd.Function):
@@ -118,42 +120,38 @@ class _ChunkedCausalAttention(torch.autograd.Function):
     is exact."""
 
     @staticmethod
-    def forward(ctx, q, k, v, starts, scale):
+    def forward(ctx, q, k, v, segments, scale):
         out, lse = torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.promote_types(q.dtype, torch.float32))
-        for (qc, blocks), o, l in zip(_blocks(q, k, v, starts), _chunks(out, starts), _chunks(lse, starts)):
-            parts = [torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qc, kb, vb, 0.0, causal, scale=scale)
-                     for kb, vb, causal in blocks]
-            l.copy_(torch.logsumexp(torch.stack([part[1] for part in parts]), 0))
-            o.copy_(sum(part[0].to(l.dtype) * (part[1] - l).exp()[..., None] for part in parts))
+        for queries, blocks in map(_segment_blocks, segments):
+            parts = [torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q[queries], k[keys], v[keys], 0.0,
+                                                                                causal, scale=scale)
+                     for keys, causal in blocks]
+            lse[queries] = torch.logsumexp(torch.stack([part[1] for part in parts]), 0)
+            out[queries] = sum(part[0].to(lse.dtype) * (part[1] - lse[queries]).exp()[..., None] for part in parts)
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.starts, ctx.scale = starts, scale
+        ctx.segments, ctx.scale = segments, scale
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        chunks = zip(_blocks(q, k, v, ctx.starts), _blocks(dq, dk, dv, ctx.starts), _chunks(grad_out, ctx.starts),
-                     _chunks(out, ctx.starts), _chunks(lse, ctx.starts))
-        for (qc, blocks), (dqc, grads), g, o, l in chunks:
-            for (kb, vb, causal), (dkb, dvb, _) in zip(blocks, grads):
+        for queries, blocks in map(_segment_blocks, ctx.segments):
+            for keys, causal in blocks:
                 gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
-                    g.contiguous(), qc, kb, vb, o, l, 0.0, causal, scale=ctx.scale)
-                dqc.add_(gq), dkb.add_(gk), dvb.add_(gv)
+                    grad_out[queries].contiguous(), q[queries], k[keys], v[keys], out[queries], lse[queries], 0.0,
+                    causal, scale=ctx.scale)
+                dq[queries] += gq
+                dk[keys] += gk
+                dv[keys] += gv
         return dq, dk, dv, None, None
 
 
-def _chunks(x: torch.Tensor, starts) -> tuple[torch.Tensor, ...]:
-    """The query chunks of a (batch, heads, n·c, …) tensor."""
-    return x.split(x.shape[2] // len(starts), 2)
-
-
-def _blocks(q, k, v, starts):
-    """Per query chunk: its queries and the (keys, values, causal) blocks it attends — its own block causally, the
-    keys before it fully. Views, so that gradients accumulate into them."""
-    for qc, start in zip(_chunks(q, starts), starts):
-        end = start + qc.shape[2]
-        blocks = [(k[:, :, start:end], v[:, :, start:end], True)]
-        if start:
-            blocks.append((k[:, :, :start], v[:, :, :start], False))
-        yield qc, blocks
+def _segment_blocks(segment):
+    """A segment's query index and its (key index, causal) blocks: its own keys causally, those before it fully."""
+    row, start, length, first_key, position = segment
+    rows = slice(None) if row is None else slice(row, row + 1)
+    blocks = [((rows, slice(None), slice(position, position + length)), True)]
+    if position > first_key:
+        blocks.append(((rows, slice(None), slice(first_key, position)), False))
+    return (rows, slice(None), slice(start, start + length)), blocks

@@ -10,8 +10,9 @@ import torch.nn.functional as F
 
 from collie import layout_rules as rules
 from collie.config import CollieConfig, ParallelConfig
+from collie.data.pretrain import document_causal_mask, document_ids
 from collie.distributed import resolve_degrees, validate_model_for_layout
-from collie.distributed.context_parallel import shard_positions
+from collie.distributed.context_parallel import _document_segments, shard_positions
 from collie.distributed.launch import run_distributed
 from collie.errors import ConfigError
 from collie.models import ModelArgs
@@ -26,20 +27,30 @@ QUICKSTART = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.pat
 
 
 @pytest.mark.parametrize("dtype, atol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
-def test_chunked_causal_attention_equals_causal_attention(dtype, atol):
-    """Every rank's two chunks, attended without a mask and merged by log-sum-exp, give the outputs and (summed
-    over ranks) the gradients of one causal SDPA; fp32: the merge rounds once per block of 8 keys × 4 rows."""
+@pytest.mark.parametrize("packed", [False, True], ids=["causal", "documents"])
+def test_chunked_causal_attention_equals_masked_attention(dtype, atol, packed):
+    """Every rank's two chunks (cut at document starts when packed), attended without a mask and merged by
+    log-sum-exp, give the outputs and (summed over ranks) the gradients of one masked SDPA over the whole rows;
+    fp32: the merge rounds once per block of at most 8 keys × 4 rows."""
     cp, chunk = 3, 8
+    seq = 2 * cp * chunk
+    positions = torch.arange(seq).repeat(2, 1)
+    if packed:  # row 0: documents of 5, 20 and 23 tokens; row 1: 13 and 35
+        positions[0] = torch.cat([torch.arange(5), torch.arange(20), torch.arange(23)])
+        positions[1] = torch.cat([torch.arange(13), torch.arange(35)])
     generator = torch.Generator().manual_seed(0)
-    q, k, v, grad = (torch.randn(2, heads, 2 * cp * chunk, 16, generator=generator, dtype=dtype)
-                     for heads in (8, 4, 4, 8))
+    q, k, v, grad = (torch.randn(2, heads, seq, 16, generator=generator, dtype=dtype) for heads in (8, 4, 4, 8))
     expected = [t.clone().requires_grad_() for t in (q, k, v)]
-    reference = F.scaled_dot_product_attention(*expected, is_causal=True, enable_gqa=True)
+    reference = F.scaled_dot_product_attention(*expected, attn_mask=document_causal_mask(positions), enable_gqa=True)
     reference.backward(grad)
     q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
     for rank in range(cp):
-        held = shard_positions(2 * cp * chunk, cp, rank)
-        out = chunked_causal_attention(q[:, :, held], k, v, [int(held[0]), int(held[chunk])])
+        held = shard_positions(seq, cp, rank)
+        starts = [int(held[0]), int(held[chunk])]
+        segments = ([s for row in range(2) for s in _document_segments(row, document_ids(positions)[row], starts,
+                                                                         chunk)]
+                    if packed else [(None, i * chunk, chunk, 0, start) for i, start in enumerate(starts)])
+        out = chunked_causal_attention(q[:, :, held], k, v, segments)
         out.backward(grad[:, :, held])
         torch.testing.assert_close(out, reference[:, :, held], atol=atol, rtol=0)
     for got, want in zip((q, k, v), expected):
@@ -68,7 +79,7 @@ def test_context_parallel_attention_equals_full_attention(ranks, case):
         assert result["loss"] == pytest.approx(result["expected_loss"], rel=1e-5)
         assert result["grad_diff"] < 1e-5, f"{case}: gradients differ by {result['grad_diff']}"
         assert result["unsplit_runs_whole"]
-        assert result["masked"] == (case not in ("causal", "padded_odd_length")), "plain causal runs without a mask"
+        assert result["masked"] == (case in ("sliding_window_documents", "softcapped")), "causal SDPA needs no mask"
     seq = cp_rank.CASES[case][1]
     assert ranks[0][case]["tokens"] == -(-seq // 4) * 2  # half of the sequence padded to a multiple of 4
 
