@@ -3,7 +3,8 @@ training (perplexity and exact match of greedy generations), checkpoints mid-run
 ``final/``; every result must be the one-process run's: the losses and gradient norms of each step, the evaluation
 results, the exported weights, ``collie convert`` of the mid-run checkpoint and ``collie generate`` of ``final/``.
 A run that hangs fails at its timeout. LoRA, AdaLomo and packed documents run on a representative subset of
-layouts, and a checkpoint saved in one layout resumes in another.
+layouts, each newer family trains LoRA adapters with LOMO or AdaLomo in one layout, the MoE family trains with
+AdaLomo and with LoRA on its experts, and a checkpoint saved in one layout resumes in another.
 
 Tolerances: the layouts sum the same fp32 values in other orders (tp splits the matmuls, dp the batch, pp nothing),
 which differs by ~1e-7 relative at step 1 and, through 4 AdamW steps (eps 1e-5 as in harness.py: with 1e-8 the
@@ -64,8 +65,26 @@ FEATURES = {
     # split the batch differently compute over other tokens, so they are off here (tests/test_moe.py checks them)
     "mixtral": ["optim.name=adamw", "optim.args={eps: 1e-5}", "model.arch.architecture=mixtral",
                 "model.arch.num_experts=4", "model.arch.router_aux_loss_coef=0"],
+    # Gemma 3: Gemma 2's block without soft-capping, with QK-norm and a rotary base of the sliding layers' own
+    "gemma3": ["optim.name=adamw", "optim.args={eps: 1e-5}", "model.arch.architecture=gemma3",
+               "model.arch.qk_norm=true", "model.arch.sandwich_norms=true", "model.arch.scale_embeddings=true",
+               "model.arch.hidden_act=gelu_pytorch_tanh", "model.arch.sliding_window=16",
+               "model.arch.rope_local_theta=100.0"],
 }
-FEATURES["mixtral_adalomo"] = [*FEATURES["mixtral"][2:], *FEATURES["adalomo"]]  # MoE with a fused optimizer
+FEATURES["lomo"] = ["optim.name=lomo", "optim.lr=1e-2"]
+# a family trained with a fused optimizer ("<family>_adalomo"), with LoRA ("<family>_lora") or with LoRA adapters
+# updated by a fused optimizer ("<family>_lora_lomo", "<family>_lora_adalomo")
+for family in ("qwen3", "phi3", "gemma2", "gemma3", "mixtral"):
+    architecture = FEATURES[family][2:]
+    FEATURES[f"{family}_adalomo"] = [*architecture, *FEATURES["adalomo"]]
+    FEATURES[f"{family}_lora"] = [*architecture, *FEATURES["lora"]]
+    for fused in ("lomo", "adalomo"):
+        FEATURES[f"{family}_lora_{fused}"] = [*architecture, "peft.method=lora", *FEATURES[fused]]
+for feature in ("phi3_lora", "phi3_lora_lomo", "phi3_lora_adalomo"):  # Phi-3 checkpoints pack q/k/v and gate/up
+    FEATURES[feature] += ["peft.target_modules=[o_proj, down_proj]"]
+# routed experts with LoRA factors of their own (peft.lora_experts) next to attention factors; final/ is merged
+FEATURES["mixtral_lora_experts"] = [*FEATURES["mixtral_lora"], "peft.lora_experts=true",
+                                    "peft.target_modules=[q_proj, v_proj, gate_proj, down_proj]"]
 # name -> (ranks, data-parallel degree, layout overrides)
 LAYOUTS = {
     "dp2": (2, 2, ["parallel.dp=2"]),
@@ -122,6 +141,11 @@ MATRIX = [(name, "adamw") for name in LAYOUTS if "_ep" not in name] + [
 MATRIX += [("dp2_zero3", "mixtral"), ("pp2_1f1b", "mixtral")]
 MATRIX += [("cp2", "packed"), ("cp2", "gemma2"), ("cp2", "lora"), ("cp2", "adalomo")]
 MATRIX += [("dp2_ep2", "mixtral"), ("dp2_ep2_zero3", "mixtral"), ("dp4_ep2_zero1", "mixtral")]
+# the newer dense families with LoRA adapters trained by LOMO or AdaLomo (one run covers both); MoE with AdaLomo on
+# every weight, and with LoRA on attention and experts, also split over ep ranks
+MATRIX += [("tp2_sp", "qwen3_lora_adalomo"), ("dp2_zero3", "gemma2_lora_lomo"), ("tp2_sp", "gemma3_lora_adalomo"),
+           ("dp2_zero3", "phi3_lora_lomo"), ("dp2_zero3", "mixtral_adalomo"), ("dp2", "mixtral_lora_experts"),
+           ("dp2_ep2_zero3", "mixtral_lora_experts")]
 MATRIX += [("dp2_ep2_zero3", "mixtral_adalomo"), ("tp2_sp", "mixtral"), ("dp2_tp2_ep2_zero3", "mixtral"),
            ("dp2_pp2_ep2", "mixtral")]
 # (saved in, resumed in): the mid-run checkpoint of the first continues in the second
