@@ -7,10 +7,11 @@ splits token ids, positions and next-token targets before the model runs (``Cont
 itself is unchanged: ``apply`` replaces the ``kernel(q, k, v, mask)`` of every decoder layer's attention with one
 that gathers k/v of the whole sequence (differentiable: funcol's all-gather, whose backward reduce-scatters the k/v
 gradients to their owners) and attends this rank's queries to them by *global* positions. Causal SDPA on CPU, also
-within packed documents (``data.document_masking``), needs no mask: each chunk (cut at document starts) attends
-its own block causally and the keys before it (back to its document's start) fully, merged by log-sum-exp
-(``chunked_causal_attention``). Everything else (padding that is not at the right, a sliding window shorter than the
-sequence, soft-capped scores, CUDA) runs the layer's own kernel under one (s/cp × s) mask per forward.
+within packed documents (``data.document_masking``) and sliding windows, needs no (s/cp × s) mask: each chunk (cut
+at document starts, and into pieces no longer than the window) attends its own block causally and the keys before
+it (back to its document's start) fully, with a window only the band that some of its queries see under a small
+mask, merged by log-sum-exp (``chunked_causal_attention``). Everything else (padding that is not at the right,
+soft-capped scores, CUDA) runs the layer's own kernel under one (s/cp × s) mask per forward.
 
 All-gather rather than ring attention: exact with any mask and any kernel, and k/v are small under GQA
 (kv_heads/heads of the queries), so the gathered copy costs less than the queries a rank holds. Ring attention
@@ -55,20 +56,28 @@ class SequenceShard:
     padding: torch.Tensor | None  # (b, s) padding mask when it is not right padding
     documents: torch.Tensor | None  # (b, s) document ids with data.document_masking
     _masks: dict = field(default_factory=dict)
+    _segments: dict = field(default_factory=dict)
 
-    @cached_property
-    def segments(self) -> list[tuple] | None:
+    def segments(self, window: int | None = None) -> list[tuple] | None:
         """This rank's queries as the segments of ``chunked_causal_attention`` (each attends, by global position,
         the keys of its document up to itself): the two chunks, cut at document starts when packed documents are
-        masked; None when the padding needs a mask (not right padding)."""
+        masked and into pieces no longer than a sliding ``window``; None when the padding needs a mask (not right
+        padding). Built once per forward and window."""
         if self.padding is not None:
             return None
-        chunk = len(self.query_positions) // 2
-        starts = [int(self.query_positions[0]), int(self.query_positions[chunk])]
-        if self.documents is None:
-            return [(None, i * chunk, chunk, 0, start) for i, start in enumerate(starts)]
-        return [segment for row, docs in enumerate(self.documents)
-                for segment in _document_segments(row, docs, starts, chunk)]
+        if window not in self._segments:
+            chunk = len(self.query_positions) // 2
+            starts = [int(self.query_positions[0]), int(self.query_positions[chunk])]
+            if self.documents is None:
+                segments = [(None, i * chunk, chunk, 0, start) for i, start in enumerate(starts)]
+            else:
+                segments = [segment for row, docs in enumerate(self.documents)
+                            for segment in _document_segments(row, docs, starts, chunk)]
+            if window is not None:
+                segments = [(row, start + i, min(window, length - i), first, position + i)
+                            for row, start, length, first, position in segments for i in range(0, length, window)]
+            self._segments[window] = segments
+        return self._segments[window]
 
     @cached_property
     def key_order(self) -> torch.Tensor:
@@ -163,17 +172,17 @@ class ContextParallel:
     def _attend(self, kernel, window, sdpa: bool, scale, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 mask) -> torch.Tensor:
         """``kernel`` over k/v of the whole sequence; ``mask`` (built by the model from local indices) is
-        replaced by the shard's mask by global positions. Unsplit forwards call ``kernel`` as it is. Causal SDPA
-        layers on CPU (within documents too) need no mask: ``chunked_causal_attention`` over the keys in global
+        replaced by the shard's mask by global positions. Unsplit forwards call ``kernel`` as it is. SDPA layers on
+        CPU (documents and windows too) need no such mask: ``chunked_causal_attention`` over the keys in global
         order."""
         if self._shard is None:
             return kernel(q, k, v, mask)
         shard = self._shard
         k = all_gather_single_autograd(k.contiguous(), 2, self.mesh)
         v = all_gather_single_autograd(v.contiguous(), 2, self.mesh)
-        unwindowed = window is None or window >= k.shape[2]
-        if sdpa and unwindowed and shard.segments is not None and q.device.type == "cpu":
+        window = None if window is None or window >= k.shape[2] else window
+        if sdpa and q.device.type == "cpu" and shard.segments(window) is not None:
             order = shard.key_order
-            return chunked_causal_attention(q, k.index_select(2, order), v.index_select(2, order), shard.segments,
-                                            scale)
+            return chunked_causal_attention(q, k.index_select(2, order), v.index_select(2, order),
+                                            shard.segments(window), scale, window)
         return kernel(q, k, v, shard.mask(window, q.dtype if sdpa else None))

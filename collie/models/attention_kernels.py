@@ -101,17 +101,20 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
 
 
 def chunked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments,
-                             scale: float | None = None) -> torch.Tensor:
+                             scale: float | None = None, window: int | None = None) -> torch.Tensor:
     """Causal attention of query segments that sit elsewhere among the keys — the split of context parallelism.
     ``q`` (batch, heads, n, d) over (batch, kv_heads, S, d) keys/values; each of ``segments`` is (row, start,
     length, first_key, position): queries ``start`` … ``start``+length−1 of row ``row`` (None: every row) are
     keys ``position`` … ``position``+length−1 and attend every key from ``first_key`` up to their own (their
-    document's start, or 0). Together the segments must cover every query once.
+    document's start, or 0) — with a sliding ``window`` only the last ``window`` of them, and then no segment may be
+    longer than the window. Together the segments must cover every query once.
 
-    No mask is built: a segment runs CPU flash attention twice, causally over its own block of keys and fully over
-    the keys before it, and the two results are merged by their log-sum-exps (the merge of ring attention). Only
-    q, k, v, the output and the log-sum-exp are saved; backward recomputes each block from them."""
-    return _ChunkedCausalAttention.apply(q, k, v, tuple(segments), q.shape[-1] ** -0.5 if scale is None else scale)
+    No (queries × keys) mask is built: a segment runs CPU flash attention over its own block of keys causally and
+    over the keys before it fully — with a window, the keys that only some of its queries see form a band of at
+    most length × length, the one block with a mask — and the results are merged by their log-sum-exps (the merge
+    of ring attention). Only q, k, v, the output and the log-sum-exp are saved; backward recomputes each block."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    return _ChunkedCausalAttention.apply(q, k, v, tuple(segments), scale, window)
 
 
 class _ChunkedCausalAttention(torch.autograd.Function):
@@ -120,38 +123,67 @@ class _ChunkedCausalAttention(torch.autograd.Function):
     is exact."""
 
     @staticmethod
-    def forward(ctx, q, k, v, segments, scale):
+    def forward(ctx, q, k, v, segments, scale, window):
         out, lse = torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.promote_types(q.dtype, torch.float32))
-        for queries, blocks in map(_segment_blocks, segments):
-            parts = [torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q[queries], k[keys], v[keys], 0.0,
-                                                                                causal, scale=scale)
-                     for keys, causal in blocks]
-            lse[queries] = torch.logsumexp(torch.stack([part[1] for part in parts]), 0)
-            out[queries] = sum(part[0].to(lse.dtype) * (part[1] - lse[queries]).exp()[..., None] for part in parts)
+        for segment in segments:
+            queries, blocks = _segment_blocks(segment, window)
+            outs, lses = [], []
+            for keys, causal, band in blocks:
+                o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                    q[queries], k[keys], v[keys], 0.0, causal, attn_mask=_band_mask(band, q.dtype), scale=scale)
+                if band is not None:  # a row that sees none of the band: the kernel gives it 0, not -inf
+                    l = l.masked_fill(_unseen(band, l.device), float("-inf"))
+                outs.append(o), lses.append(l)
+            lse[queries] = torch.logsumexp(torch.stack(lses), 0)
+            out[queries] = sum(o.to(lse.dtype) * (l - lse[queries]).exp()[..., None] for o, l in zip(outs, lses))
         ctx.save_for_backward(q, k, v, out, lse)
-        ctx.segments, ctx.scale = segments, scale
+        ctx.segments, ctx.scale, ctx.window = segments, scale, window
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, lse = ctx.saved_tensors
         dq, dk, dv = torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        for queries, blocks in map(_segment_blocks, ctx.segments):
-            for keys, causal in blocks:
+        for segment in ctx.segments:
+            queries, blocks = _segment_blocks(segment, ctx.window)
+            for keys, causal, band in blocks:
                 gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
                     grad_out[queries].contiguous(), q[queries], k[keys], v[keys], out[queries], lse[queries], 0.0,
-                    causal, scale=ctx.scale)
+                    causal, attn_mask=_band_mask(band, q.dtype), scale=ctx.scale)
                 dq[queries] += gq
                 dk[keys] += gk
                 dv[keys] += gv
-        return dq, dk, dv, None, None
+        return dq, dk, dv, None, None, None
 
 
-def _segment_blocks(segment):
-    """A segment's query index and its (key index, causal) blocks: its own keys causally, those before it fully."""
+def _segment_blocks(segment, window: int | None):
+    """A segment's query index and its (key index, causal, band) blocks: its own keys causally, the earlier keys
+    that all its queries see fully, and with a window the band that only some see (``band``: what its mask needs)."""
     row, start, length, first_key, position = segment
     rows = slice(None) if row is None else slice(row, row + 1)
-    blocks = [((rows, slice(None), slice(position, position + length)), True)]
-    if position > first_key:
-        blocks.append(((rows, slice(None), slice(first_key, position)), False))
-    return (rows, slice(None), slice(start, start + length)), blocks
+    index = lambda lo, hi: (rows, slice(None), slice(lo, hi))  # noqa: E731
+    blocks = [(index(position, position + length), True, None)]
+    seen_by_all = first_key if window is None else max(first_key, position + length - window)
+    if position > seen_by_all:
+        blocks.append((index(seen_by_all, position), False, None))
+    if window is not None:
+        band = max(first_key, position - window + 1)
+        if seen_by_all > band:
+            blocks.append((index(band, seen_by_all), False, (length, band, seen_by_all, position, window)))
+    return index(start, start + length), blocks
+
+
+def _band_mask(band, dtype: torch.dtype) -> torch.Tensor | None:
+    """Additive (length × keys) mask of a band block: query i (at position+i) sees key k iff k > position+i−window."""
+    if band is None:
+        return None
+    length, lo, hi, position, window = band
+    keys, queries = torch.arange(lo, hi), torch.arange(position, position + length)
+    return torch.zeros(length, hi - lo, dtype=dtype).masked_fill(keys[None] <= queries[:, None] - window,
+                                                                 float("-inf"))
+
+
+def _unseen(band, device) -> torch.Tensor:
+    """The queries of a band block that see none of its keys."""
+    length, _, hi, position, window = band
+    return torch.arange(position, position + length, device=device) - window + 1 >= hi

@@ -12,7 +12,7 @@ from collie import layout_rules as rules
 from collie.config import CollieConfig, ParallelConfig
 from collie.data.pretrain import document_causal_mask, document_ids
 from collie.distributed import resolve_degrees, validate_model_for_layout
-from collie.distributed.context_parallel import _document_segments, shard_positions
+from collie.distributed.context_parallel import SequenceShard, shard_positions
 from collie.distributed.launch import run_distributed
 from collie.errors import ConfigError
 from collie.models import ModelArgs
@@ -27,30 +27,34 @@ QUICKSTART = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.pat
 
 
 @pytest.mark.parametrize("dtype, atol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
-@pytest.mark.parametrize("packed", [False, True], ids=["causal", "documents"])
-def test_chunked_causal_attention_equals_masked_attention(dtype, atol, packed):
-    """Every rank's two chunks (cut at document starts when packed), attended without a mask and merged by
-    log-sum-exp, give the outputs and (summed over ranks) the gradients of one masked SDPA over the whole rows;
-    fp32: the merge rounds once per block of at most 8 keys × 4 rows."""
+@pytest.mark.parametrize("packed, window", [(False, None), (True, None), (False, 5), (True, 3), (True, 11)],
+                         ids=["causal", "documents", "window", "documents_window", "documents_long_window"])
+def test_chunked_causal_attention_equals_masked_attention(dtype, atol, packed, window):
+    """Every rank's two chunks (cut at document starts when packed, into pieces no longer than the window),
+    attended without a (query × key) mask and merged by log-sum-exp, give the outputs and (summed over ranks) the
+    gradients of one masked SDPA over the whole rows; fp32: the merge rounds once per block of at most 8 keys × 4
+    rows."""
     cp, chunk = 3, 8
     seq = 2 * cp * chunk
     positions = torch.arange(seq).repeat(2, 1)
     if packed:  # row 0: documents of 5, 20 and 23 tokens; row 1: 13 and 35
         positions[0] = torch.cat([torch.arange(5), torch.arange(20), torch.arange(23)])
         positions[1] = torch.cat([torch.arange(13), torch.arange(35)])
+    mask = document_causal_mask(positions)
+    if window is not None:
+        index = torch.arange(seq)
+        mask = mask & (index[None] > index[:, None] - window)
     generator = torch.Generator().manual_seed(0)
     q, k, v, grad = (torch.randn(2, heads, seq, 16, generator=generator, dtype=dtype) for heads in (8, 4, 4, 8))
     expected = [t.clone().requires_grad_() for t in (q, k, v)]
-    reference = F.scaled_dot_product_attention(*expected, attn_mask=document_causal_mask(positions), enable_gqa=True)
+    reference = F.scaled_dot_product_attention(*expected, attn_mask=mask, enable_gqa=True)
     reference.backward(grad)
     q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
     for rank in range(cp):
         held = shard_positions(seq, cp, rank)
-        starts = [int(held[0]), int(held[chunk])]
-        segments = ([s for row in range(2) for s in _document_segments(row, document_ids(positions)[row], starts,
-                                                                         chunk)]
-                    if packed else [(None, i * chunk, chunk, 0, start) for i, start in enumerate(starts)])
-        out = chunked_causal_attention(q[:, :, held], k, v, segments)
+        shard = SequenceShard(None, None, None, held, torch.arange(seq), None,
+                              document_ids(positions) if packed else None)
+        out = chunked_causal_attention(q[:, :, held], k, v, shard.segments(window), window=window)
         out.backward(grad[:, :, held])
         torch.testing.assert_close(out, reference[:, :, held], atol=atol, rtol=0)
     for got, want in zip((q, k, v), expected):
@@ -69,7 +73,7 @@ def test_shards_are_load_balanced():
 
 @pytest.fixture(scope="module")
 def ranks():
-    return run_distributed(RANK_SCRIPT, 2, list(cp_rank.CASES), timeout_s=120)
+    return run_distributed(RANK_SCRIPT, 2, list(cp_rank.CASES), timeout_s=300)
 
 
 @pytest.mark.parametrize("case", list(cp_rank.CASES))
@@ -79,7 +83,7 @@ def test_context_parallel_attention_equals_full_attention(ranks, case):
         assert result["loss"] == pytest.approx(result["expected_loss"], rel=1e-5)
         assert result["grad_diff"] < 1e-5, f"{case}: gradients differ by {result['grad_diff']}"
         assert result["unsplit_runs_whole"]
-        assert result["masked"] == (case in ("sliding_window_documents", "softcapped")), "causal SDPA needs no mask"
+        assert result["masked"] == (case == "softcapped"), "causal SDPA needs no (query × key) mask"
     seq = cp_rank.CASES[case][1]
     assert ranks[0][case]["tokens"] == -(-seq // 4) * 2  # half of the sequence padded to a multiple of 4
 
