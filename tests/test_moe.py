@@ -158,14 +158,22 @@ def test_dropless_routing_sends_every_token_to_its_k_experts():
 
 
 def test_trainer_reports_expert_load_and_lora_targets_attention(tmp_path):
+    """Default LoRA targets adapt the attention only; the saved adapter gives the trained logits in HF peft."""
+    import peft
     trainer = trainer_on("", tmp_path, "model.pretrained=null", "model.card=tiny-moe", "train.max_steps=2",
                          "train.log_every=1", "eval.before_training=false", "eval.every_steps=0",
-                         "checkpoint.save_final=false", "peft.method=lora", "train.micro_batch_size=4")
+                         "peft.method=lora", "train.micro_batch_size=4")
     trainer.fit()
     rows = [json.loads(line) for line in open(tmp_path / "metrics.jsonl") if '"loss"' in line]
     assert len(rows) == 2 and all(r["moe/load_max"] >= 1.0 for r in rows)
-    trainable = {n for n, p in trainer.engine.model.named_parameters() if p.requires_grad}
+    model = trainer.engine.model.eval()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable and all("self_attn" in n and "lora_" in n for n in trainable)
+    base = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "final" / "base_model")
+    adapted = peft.PeftModel.from_pretrained(base, tmp_path / "final").eval()
+    ids = torch.randint(0, model.args.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert_logits_close(adapted(ids).logits, model(ids), model.args)
 
 
 def test_lora_on_experts_trains_leaves_the_base_and_exports_the_merged_model(tmp_path):
