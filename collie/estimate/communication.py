@@ -6,7 +6,9 @@ reduce-scatter the full input), so ``count_collective_bytes`` can check them exa
 T = tokens per pipeline micro-batch, h hidden, R the residual dtype (params'), C the compute dtype, w the
 parameter bytes, P the rank's parameters (tp shards; FSDP pads dim 0 to a multiple of dp).
 
-tp (``collie.distributed.tensor_parallel``; DTensor colwise/rowwise plans), per micro-batch and layer:
+tp (``collie.distributed.tensor_parallel``; DTensor colwise/rowwise plans), per micro-batch and layer (a MoE block
+runs whole on every tp rank and reduces nothing over tp: only attention's collectives; with SP counted like a
+dense MLP's, approximate):
   forward: all-reduce T·h·C after o_proj and down_proj (sequence parallel: reduce-scatter instead, and an
   all-gather T·h·R of the norm output before attention and before the MLP);
   backward: one all-reduce T·h·R of the input gradient of attention and of the MLP — q/k/v and gate/up share
@@ -101,6 +103,8 @@ def _rank_comm(args: ModelArgs, setup: Setup, stage: Stage) -> CommEstimate:
     tokens = setup.micro_batch_size // setup.n_microbatches * setup.local_seq_len
     _tensor_parallel(ledger, args, setup, stage, tokens, forwards)
     approximate = _data_parallel(ledger, args, setup, stage)
+    if args.num_experts and setup.tp > 1 and setup.sequence_parallel:
+        approximate.append("tp")
     _pipeline(ledger, args, setup, stage, tokens, forwards)
     _context_parallel(ledger, args, setup, stage, tokens, forwards)
     _expert_parallel(ledger, args, setup, stage, tokens, forwards)
@@ -114,15 +118,18 @@ def _tensor_parallel(ledger: _Ledger, args: ModelArgs, setup: Setup, stage: Stag
     residual = tokens * h * DTYPE_BYTES[setup.param_dtype]
     compute = tokens * h * DTYPE_BYTES[setup.compute_dtype]
     layers = stage.layers * times
+    # blocks split over tp per layer: attention and a dense MLP; a MoE block runs whole on every tp rank (its
+    # SP boundary is counted like a dense MLP's: approximate, see _tensor_parallel's caller)
+    blocks = layers * (1 if args.num_experts and not setup.sequence_parallel else 2)
     if setup.sequence_parallel:
         ledger.add("tp", "all_gather", residual, t, 2 * layers)  # norm outputs → attention, MLP
         ledger.add("tp", "reduce_scatter", compute, t, 2 * layers)  # o_proj, down_proj outputs
         ledger.add("tp", "all_gather", compute, t, 2 * layers)  # their output gradients
         ledger.add("tp", "all_reduce", h * setup.param_bytes, t, 2 * layers)  # norm weight gradients
     else:
-        ledger.add("tp", "all_reduce", compute, t, 2 * layers)
+        ledger.add("tp", "all_reduce", compute, t, blocks)
     # attention's and the MLP's input gradients, one collective each (q/k/v and gate/up share the input)
-    ledger.add("tp", "reduce_scatter" if setup.sequence_parallel else "all_reduce", residual, t, 2 * layers)
+    ledger.add("tp", "reduce_scatter" if setup.sequence_parallel else "all_reduce", residual, t, blocks)
     if stage.has_embedding:
         if setup.sequence_parallel:
             ledger.add("tp", "reduce_scatter", residual, t, times)
