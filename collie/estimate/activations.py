@@ -135,8 +135,9 @@ def cp_mask_bytes(args: ModelArgs, setup: Setup) -> float:
     """Context parallel, per micro-batch: the additive (s/cp × s) attention masks every layer's SDPA keeps (in
     the compute dtype, built once per forward and window: ``SequenceShard.mask``): one per distinct attention
     window (full causal, and the sliding window of models that alternate), one row's worth (per row only with
-    left padding or document masking). On CUDA every cp forward attends under them; on CPU plain causal layers
-    attend chunk by chunk without a mask. A mask-free attention on CUDA would change only this function."""
+    left padding or document masking). On CUDA every cp forward attends under them; on CPU collie's cp attention
+    needs none (``chunked_causal_attention``; left padding and soft-capping aside). A mask-free attention on CUDA
+    would change only this function."""
     if setup.cp == 1:
         return 0.0
     windows = len(set(_layer_windows(args)))
