@@ -20,7 +20,9 @@ micro-batches. ZeRO follows ``collie.distributed.data_parallel``: stage 1 shards
 (FSDP2 without resharding after forward) also gradients and the at-rest parameters but holds every unsharded
 parameter from forward to backward, stage 3 holds the root group (embedding/norm/head) and two layers at a
 time. ZeRO shards over the shard group: all of dp, or dp/dp_replicate ranks under HSDP (``dp_replicate`` > 1),
-whose replicas each hold a whole sharded copy. LOMO/AdaLomo keep no gradient set: only the parameter being
+whose replicas each hold a whole sharded copy, times cp (collie folds cp into the data-parallel mesh); under ep a
+rank holds num_experts/ep routed experts, which ZeRO shards over the dp/ep ranks holding the same ones
+(``zero_shards``). Context parallelism divides the tokens a rank holds by cp (``activations``). LOMO/AdaLomo keep no gradient set: only the parameter being
 updated, with its fp32 temporaries.
 """
 from __future__ import annotations
@@ -336,7 +338,7 @@ def _in_flight_with_grads(setup: Setup, stage: Stage) -> float:
 
 
 def _final_grads(setup: Setup, tensors: list[Tensor]) -> float:
-    """Gradients at the end of backward: none for fused optimizers (unless accumulating), 1/dp_shard under
+    """Gradients at the end of backward: none for fused optimizers (unless accumulating), 1/zero_shards under
     ZeRO-2/3 (reduce-scattered; on the host with CPU offload), all of them otherwise."""
     trainable = [t for t in tensors if t.trainable]
     if setup.fused:
