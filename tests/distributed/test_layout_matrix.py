@@ -85,6 +85,16 @@ for feature in ("phi3_lora", "phi3_lora_lomo", "phi3_lora_adalomo"):  # Phi-3 ch
 # routed experts with LoRA factors of their own (peft.lora_experts) next to attention factors; final/ is merged
 FEATURES["mixtral_lora_experts"] = [*FEATURES["mixtral_lora"], "peft.lora_experts=true",
                                     "peft.target_modules=[q_proj, v_proj, gate_proj, down_proj]"]
+# MoE with a fused optimizer. A router row of an expert that no token chooses gets a gradient of rounding noise
+# (~1e-10), which AdaLomo's factored normalisation (eps 1e-30) would scale into an lr-sized update that differs
+# between layouts (as AdamW's eps 1e-8 would, above): eps 1e-16 keeps such rows still, far below real g² (>1e-12)
+FEATURES["mixtral_adalomo"] = [*FEATURES["mixtral"][2:], *FEATURES["adalomo"], "optim.args={eps: [1.0e-16, 1.0e-3]}"]
+# a shared expert beside the routed ones, with both router losses: layouts that keep every micro-batch's tokens
+# together (tp) compute the one-process router statistics
+FEATURES["qwen2_moe"] = ["optim.name=adamw", "optim.args={eps: 1e-5}", "model.arch.architecture=qwen2_moe",
+                         "model.arch.num_experts=4", "model.arch.moe_intermediate_size=64",
+                         "model.arch.shared_expert_intermediate_size=96", "model.arch.router_aux_loss_coef=0.02",
+                         "model.arch.router_z_loss_coef=0.001"]
 # name -> (ranks, data-parallel degree, layout overrides)
 LAYOUTS = {
     "dp2": (2, 2, ["parallel.dp=2"]),
@@ -146,7 +156,7 @@ MATRIX += [("dp2_ep2", "mixtral"), ("dp2_ep2_zero3", "mixtral"), ("dp4_ep2_zero1
 MATRIX += [("tp2_sp", "qwen3_lora_adalomo"), ("dp2_zero3", "gemma2_lora_lomo"), ("tp2_sp", "gemma3_lora_adalomo"),
            ("dp2_zero3", "phi3_lora_lomo"), ("dp2_zero3", "mixtral_adalomo"), ("dp2", "mixtral_lora_experts"),
            ("dp2_ep2_zero3", "mixtral_lora_experts")]
-MATRIX += [("dp2_ep2_zero3", "mixtral_adalomo"), ("tp2_sp", "mixtral"), ("dp2_tp2_ep2_zero3", "mixtral"),
+MATRIX += [("dp2_ep2_zero3", "mixtral_adalomo"), ("tp2_sp", "qwen2_moe"), ("dp2_tp2_ep2_zero3", "mixtral"),
            ("dp2_pp2_ep2", "mixtral")]
 # (saved in, resumed in): the mid-run checkpoint of the first continues in the second
 RESUMES = [("dp2_pp2_zero2", "tp2_sp"), ("tp2_sp", "single"), ("dp2x2_zero3", "dp2_zero2"), ("cp2_dp2", "cp2")]
