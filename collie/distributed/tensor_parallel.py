@@ -35,7 +35,8 @@ def apply_tensor_parallel(model, tp_mesh, sequence_parallel: bool = False, adapt
     for layer in model.model.layers.values():
         plan = _decoder_layer_plan(sequence_parallel, _layer_norms(layer), _head_norms(layer), _residual_norms(layer))
         if isinstance(layer.mlp, SparseMoE):
-            plan = {**{k: v for k, v in plan.items() if not k.startswith("mlp")}, **_moe_plan(layer.mlp, sequence_parallel)}
+            dense = {k: v for k, v in plan.items() if not k.startswith("mlp")}
+            plan = {**dense, **_moe_plan(layer.mlp, sequence_parallel)}
         parallelize_module(layer, tp_mesh, adapt_plan(plan))
     parallelize_module(model, tp_mesh, adapt_plan(_outer_plan(model, sequence_parallel)))
     for name, param in model.named_parameters():

@@ -184,7 +184,8 @@ def describe(setup: Setup) -> str:
     s = setup
     hsdp = f" ({s.dp_replicate} replicas × {s.dp_shard} shards)" if s.dp_replicate > 1 else ""
     extra = "".join(f" {name}={value}" for name, value in (("cp", s.cp), ("ep", s.ep)) if value > 1)
-    parts = [f"dp={s.dp}{hsdp} tp={s.tp} pp={s.pp}{extra}", f"ZeRO-{s.zero_stage}" + (" +offload" if s.cpu_offload else ""),
+    parts = [f"dp={s.dp}{hsdp} tp={s.tp} pp={s.pp}{extra}",
+             f"ZeRO-{s.zero_stage}" + (" +offload" if s.cpu_offload else ""),
              s.optimizer + (f"+lora(r={s.lora_r})" if s.peft == "lora" else ""),
              f"{s.param_dtype} params, {s.compute_dtype} compute", f"checkpointing={s.activation_checkpointing}",
              f"{s.micro_batch_size}×{s.seq_len} tokens per forward"]
@@ -230,8 +231,8 @@ def render_plan(label: str, params: str, gpus: int, gpu_mem_gib: float, base: Se
             f"{len(rows)} layouts fit (fastest first; est. = the plan's step-time model)")
     extra = [dim for dim in ("cp", "ep") if any(getattr(r.setup, dim) > 1 for r in rows)]
     sent = "/".join(["tp", "dp", "pp", *extra])
-    columns = "| dp | tp | pp | " + "".join(f"{dim} | " for dim in extra) + "ZeRO | ckpt | SP | micro-batches (n×seqs, " \
-              f"accum) | peak GiB | reserved GiB | sent GB/step ({sent}) | est. tok/s/GPU |"
+    columns = "| dp | tp | pp | " + "".join(f"{dim} | " for dim in extra) + "ZeRO | ckpt | SP | " \
+              f"micro-batches (n×seqs, accum) | peak GiB | reserved GiB | sent GB/step ({sent}) | est. tok/s/GPU |"
     table = [head, "", columns, "|" + "---|" * (11 + len(extra))]
     for r in rows:
         s, c = r.setup, r.comm_gb

@@ -191,7 +191,8 @@ class Setup:
         # collie's fp32 master weights for 16-bit models: fp32 parameters, 16-bit autocast
         param_dtype = str(storage_dtype(cfg)).removeprefix("torch.")
         return cls(
-            dp=dp, dp_replicate=p.dp_replicate, tp=p.tp, pp=p.pp, cp=p.cp, ep=p.ep, zero_stage=p.zero_stage, cpu_offload=p.cpu_offload,
+            dp=dp, dp_replicate=p.dp_replicate, tp=p.tp, pp=p.pp, cp=p.cp, ep=p.ep, zero_stage=p.zero_stage,
+            cpu_offload=p.cpu_offload,
             sequence_parallel=p.sequence_parallel, pp_schedule=p.pp_schedule, pp_microbatches=p.pp_microbatches,
             pp_split=p.pp_split, pp_boundaries=tuple(p.pp_boundaries) if p.pp_boundaries else None,
             engine=p.engine, optimizer=cfg.optim.name, clip_grad_norm=cfg.optim.clip_grad_norm,
