@@ -82,6 +82,8 @@ def main() -> None:
     parser.add_argument("--cp", type=int, nargs="+", default=[2, 4])
     parser.add_argument("--documents", type=int, default=1, help="equal documents packed in the row (masked)")
     options = parser.parse_args()
+    if options.seq % options.documents:
+        parser.error(f"--documents {options.documents} must divide --seq {options.seq} (documents of equal length)")
     from collie.distributed.launch import run_distributed
     torch.set_num_threads(1)
     model, batch = setup(options.seq, options.documents)
@@ -90,7 +92,8 @@ def main() -> None:
     print(f"{'layout':<8}{'peak MiB':>10}{'× one':>8}{'activations MiB':>17}{'× one':>8}")
     print(f"{'one':<8}{base['peak']:>10.0f}{1:>8.2f}{base['activations']:>17.0f}{1:>8.2f}")
     for cp in options.cp:
-        ranks = run_distributed(os.path.abspath(__file__), cp, ["--rank", str(options.seq), str(options.documents)], timeout_s=900)
+        arguments = ["--rank", str(options.seq), str(options.documents)]
+        ranks = run_distributed(os.path.abspath(__file__), cp, arguments, timeout_s=900)
         worst = max(ranks, key=lambda r: r["peak"])
         print(f"{f'cp{cp}':<8}{worst['peak']:>10.0f}{worst['peak'] / base['peak']:>8.2f}"
               f"{worst['activations']:>17.0f}{worst['activations'] / base['activations']:>8.2f}")

@@ -61,7 +61,8 @@ class ParallelConfig:
     pp: int = _f(1, "pipeline-parallel degree (number of stages)", min=1)
     cp: int = _f(1, "context-parallel degree: each sequence is split over cp ranks (load-balanced: 2·cp chunks, rank r "
                     "holds chunk r and chunk 2·cp-1-r) and attention all-gathers keys/values over them; gradients are "
-                    "summed over dp × cp; composes with dp and ZeRO 0-3 (not yet with tp, pp or DeepSpeed)", min=1)
+                    "summed over dp × cp; composes with dp, ZeRO 0-3, tp (+SP), pp, LOMO/AdaLomo and LoRA (not with "
+                    "DeepSpeed)", min=1)
     zero_stage: int = _f(0, "ZeRO stage over the data-parallel group: 0 replicate, 1 shard optimizer state, "
                             "2 + gradients, 3 + parameters", min=0, max=3)
     cpu_offload: bool = _f(False, "offload optimizer state (and parameters at stage 3) to CPU memory")

@@ -202,10 +202,14 @@ def check_fused_optimizer(name: str, pp: int, zero_stage: int, engine: str) -> N
                           f"Use parallel.engine=native")
 
 
-def check_sophia(name: str, pp: int) -> None:
+def check_sophia(name: str, pp: int, cp: int = 1) -> None:
     if name == "sophia" and pp > 1:
         raise ConfigError(f"optim.name=sophia refreshes its Hessian estimate from the logits of a forward pass, "
                           f"which no single stage has under parallel.pp={pp}; use parallel.pp=1")
+    if name == "sophia" and cp > 1:
+        raise ConfigError(f"optim.name=sophia refreshes its Hessian estimate from a whole-sequence forward, which "
+                          f"every one of the parallel.cp={cp} ranks would add to the gradients they sum; use "
+                          f"parallel.cp=1 or another optimizer (adamw, lion, adan, …)")
 
 
 def check_deepspeed(engine: str, tp: int, pp: int, optimizer: str, clip_grad_value: float, peft: str) -> None:
@@ -254,7 +258,7 @@ def check_layout(*, dp: int = -1, tp: int = 1, pp: int = 1, cp: int = 1, zero_st
     check_cpu_offload(cpu_offload, zero_stage, engine, dp * cp, dp * tp * pp * cp if dp > 0 else None)
     if fused:
         check_fused_optimizer(optimizer, pp, zero_stage, engine)
-    check_sophia(optimizer, pp)
+    check_sophia(optimizer, pp, cp)
 
 
 def check_config(cfg) -> None:

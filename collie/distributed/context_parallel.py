@@ -33,7 +33,7 @@ from torch.distributed._functional_collectives import all_gather_single_autograd
 
 from collie.data.pretrain import document_ids
 from collie.loss import IGNORE_INDEX, shift_labels
-from collie.models.attention_kernels import chunked_causal_attention
+from collie.models.attention_kernels import QuerySegment, chunked_causal_attention
 from collie.models.components import is_right_padded
 
 
@@ -58,7 +58,7 @@ class SequenceShard:
     _masks: dict = field(default_factory=dict)
     _segments: dict = field(default_factory=dict)
 
-    def segments(self, window: int | None = None) -> list[tuple] | None:
+    def query_segments(self, window: int | None = None) -> list[QuerySegment] | None:
         """This rank's queries as the segments of ``chunked_causal_attention`` (each attends, by global position,
         the keys of its document up to itself): the two chunks, cut at document starts when packed documents are
         masked and into pieces no longer than a sliding ``window``; None when the padding needs a mask (not right
@@ -69,12 +69,12 @@ class SequenceShard:
             chunk = len(self.query_positions) // 2
             starts = [int(self.query_positions[0]), int(self.query_positions[chunk])]
             if self.documents is None:
-                segments = [(None, i * chunk, chunk, 0, start) for i, start in enumerate(starts)]
+                segments = [QuerySegment(None, i * chunk, chunk, 0, start) for i, start in enumerate(starts)]
             else:
                 segments = [segment for row, docs in enumerate(self.documents)
-                            for segment in _document_segments(row, docs, starts, chunk)]
-            if window is not None:
-                segments = [(row, start + i, min(window, length - i), first, position + i)
+                            for segment in _cut_at_documents(row, docs, starts, chunk)]
+            if window is not None:  # pieces no longer than the window
+                segments = [QuerySegment(row, start + i, min(window, length - i), first, position + i)
                             for row, start, length, first, position in segments for i in range(0, length, window)]
             self._segments[window] = segments
         return self._segments[window]
@@ -107,14 +107,15 @@ class SequenceShard:
         return self._masks[window, dtype]
 
 
-def _document_segments(row: int, documents: torch.Tensor, starts: list[int], chunk: int):
-    """The segments of one row's chunks (global ``starts``, ``chunk`` long) cut at its document starts."""
+def _cut_at_documents(row: int, documents: torch.Tensor, starts: list[int], chunk: int):
+    """The query segments of one row's chunks (global ``starts``, ``chunk`` long) cut at its document starts."""
     doc_starts = [0, *(torch.nonzero(documents[1:] != documents[:-1]).flatten() + 1).tolist()]
     for index, start in enumerate(starts):
         end = start + chunk
         cuts = [start, *(d for d in doc_starts if start < d < end), end]
         for a, b in zip(cuts, cuts[1:]):
-            yield row, index * chunk + a - start, b - a, doc_starts[bisect.bisect_right(doc_starts, a) - 1], a
+            first_key = doc_starts[bisect.bisect_right(doc_starts, a) - 1]
+            yield QuerySegment(row, index * chunk + a - start, b - a, first_key, a)
 
 
 class ContextParallel:
@@ -127,6 +128,7 @@ class ContextParallel:
         self.mesh, self.cp, self.rank = cp_mesh, cp_mesh.size(), cp_mesh.get_local_rank()
         self.sequence_multiple = sequence_multiple
         self._shard: SequenceShard | None = None
+        self._through_backward = False
 
     def apply(self, model: torch.nn.Module) -> None:
         """Wrap the attention kernel of every decoder layer (``layer.self_attn.kernel``)."""
@@ -162,12 +164,24 @@ class ContextParallel:
 
     @contextlib.contextmanager
     def attending(self, shard: SequenceShard):
-        """Forwards inside run split: attention gathers k/v over cp and uses ``shard``'s masks."""
+        """Forwards inside run split: attention gathers k/v over cp and uses ``shard``'s masks. Inside
+        ``through_backward`` the shard stays for the backward that follows."""
         self._shard = shard
         try:
             yield
         finally:
-            self._shard = None
+            if not self._through_backward:
+                self._shard = None
+
+    @contextlib.contextmanager
+    def through_backward(self):
+        """Keep the shard of the split forwards inside for their backward: activation checkpointing recomputes the
+        attention there, which must gather and mask as the forward did."""
+        self._through_backward = True
+        try:
+            yield
+        finally:
+            self._through_backward, self._shard = False, None
 
     def _attend(self, kernel, window, sdpa: bool, scale, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                 mask) -> torch.Tensor:
@@ -181,8 +195,8 @@ class ContextParallel:
         k = all_gather_single_autograd(k.contiguous(), 2, self.mesh)
         v = all_gather_single_autograd(v.contiguous(), 2, self.mesh)
         window = None if window is None or window >= k.shape[2] else window
-        if sdpa and q.device.type == "cpu" and shard.segments(window) is not None:
+        if sdpa and q.device.type == "cpu" and shard.query_segments(window) is not None:
             order = shard.key_order
             return chunked_causal_attention(q, k.index_select(2, order), v.index_select(2, order),
-                                            shard.segments(window), scale, window)
+                                            shard.query_segments(window), scale, window)
         return kernel(q, k, v, shard.mask(window, q.dtype if sdpa else None))

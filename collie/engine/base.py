@@ -93,8 +93,10 @@ class Engine:
         """Forward and backward of one micro-batch whose summed token loss is divided by ``denominator`` (the
         token count of the whole step, all micro-batches and dp ranks); returns that normalised loss."""
         set_gradient_sync(self.parts, last)  # reduce gradients once per step, not per micro-batch
-        loss = (self.training_loss_sum(batch) + auxiliary_loss_sum(self.parts, batch["labels"])) / denominator
-        self.update.backward(loss)
+        split = contextlib.nullcontext() if self.context_parallel is None else self.context_parallel.through_backward()
+        with split:
+            loss = (self.training_loss_sum(batch) + auxiliary_loss_sum(self.parts, batch["labels"])) / denominator
+            self.update.backward(loss)
         return loss.detach()
 
     def optimizer_step(self, loss: torch.Tensor) -> StepResult:

@@ -9,6 +9,7 @@ import torch
 
 from collie.distributed.data_parallel import set_gradient_sync
 from collie.engine.base import Engine
+from collie.errors import ConfigError
 
 
 class PipelineEngine(Engine):
@@ -36,7 +37,9 @@ class PipelineEngine(Engine):
             return contextlib.nullcontext(), batch["input_ids"], batch["labels"], self.model_inputs(batch)
         shard = plan.shard(batch)
         if shard.padding is not None:  # a (row × query × key) mask would not follow the micro-batches
-            raise ValueError("parallel.cp with parallel.pp needs right-padded batches (training data is)")
+            raise ConfigError(f"parallel.cp={self.ctx.cp} with parallel.pp={self.ctx.pp} needs right-padded batches "
+                              f"(collie's collators pad on the right); a batch with padding elsewhere needs "
+                              f"parallel.pp=1 or parallel.cp=1")
         return plan.attending(shard), shard.input_ids, shard.targets, {"position_ids": shard.position_ids}
 
     def forward(self, batch: dict) -> torch.Tensor:

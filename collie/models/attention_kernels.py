@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import copy
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 
@@ -100,19 +102,35 @@ def repeat_kv(x: torch.Tensor, n_rep: int) -> torch.Tensor:
     return x[:, :, None].expand(b, h, n_rep, s, d).reshape(b, h * n_rep, s, d)
 
 
-def chunked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments,
+class QuerySegment(NamedTuple):
+    """Queries ``start`` … ``start``+length−1 of row ``row`` (None: every row), which are the keys ``position`` …
+    ``position``+length−1 and attend every key from ``first_key`` (their document's start, or 0) up to their own."""
+    row: int | None
+    start: int
+    length: int
+    first_key: int
+    position: int
+
+
+class _Band(NamedTuple):
+    """The keys ``lo`` … ``hi``−1 that only some queries of a segment see under a sliding window."""
+    lo: int
+    hi: int
+
+
+@torch.compiler.disable  # Python loop over data-dependent segments: a graph break, not a recompile per packing
+def chunked_causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, segments: list[QuerySegment],
                              scale: float | None = None, window: int | None = None) -> torch.Tensor:
     """Causal attention of query segments that sit elsewhere among the keys — the split of context parallelism.
-    ``q`` (batch, heads, n, d) over (batch, kv_heads, S, d) keys/values; each of ``segments`` is (row, start,
-    length, first_key, position): queries ``start`` … ``start``+length−1 of row ``row`` (None: every row) are
-    keys ``position`` … ``position``+length−1 and attend every key from ``first_key`` up to their own (their
-    document's start, or 0) — with a sliding ``window`` only the last ``window`` of them, and then no segment may be
-    longer than the window. Together the segments must cover every query once.
+    ``q`` (batch, heads, n, d) over (batch, kv_heads, S, d) keys/values; the ``segments`` cover every query once;
+    with a sliding ``window`` a query sees only the last ``window`` keys, and no segment may be longer than it.
 
     No (queries × keys) mask is built: a segment runs CPU flash attention over its own block of keys causally and
     over the keys before it fully — with a window, the keys that only some of its queries see form a band of at
     most length × length, the one block with a mask — and the results are merged by their log-sum-exps (the merge
     of ring attention). Only q, k, v, the output and the log-sum-exp are saved; backward recomputes each block."""
+    dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else q.dtype
+    q, k, v = (t.to(dtype) for t in (q, k, v))  # under autocast rotary leaves q/k in fp32, v is autocast's
     scale = q.shape[-1] ** -0.5 if scale is None else scale
     return _ChunkedCausalAttention.apply(q, k, v, tuple(segments), scale, window)
 
@@ -127,15 +145,17 @@ class _ChunkedCausalAttention(torch.autograd.Function):
         out, lse = torch.empty_like(q), q.new_empty(q.shape[:3], dtype=torch.promote_types(q.dtype, torch.float32))
         for segment in segments:
             queries, blocks = _segment_blocks(segment, window)
-            outs, lses = [], []
+            parts = []
             for keys, causal, band in blocks:
-                o, l = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
-                    q[queries], k[keys], v[keys], 0.0, causal, attn_mask=_band_mask(band, q.dtype), scale=scale)
+                block_out, block_lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
+                    q[queries], k[keys], v[keys], 0.0, causal, attn_mask=_band_mask(segment, band, window, q.dtype),
+                    scale=scale)
                 if band is not None:  # a row that sees none of the band: the kernel gives it 0, not -inf
-                    l = l.masked_fill(_unseen(band, l.device), float("-inf"))
-                outs.append(o), lses.append(l)
-            lse[queries] = torch.logsumexp(torch.stack(lses), 0)
-            out[queries] = sum(o.to(lse.dtype) * (l - lse[queries]).exp()[..., None] for o, l in zip(outs, lses))
+                    block_lse = block_lse.masked_fill(_unseen(segment, band, window), float("-inf"))
+                parts.append((block_out, block_lse))
+            lse[queries] = torch.logsumexp(torch.stack([part_lse for _, part_lse in parts]), 0)
+            out[queries] = sum(part_out.to(lse.dtype) * (part_lse - lse[queries]).exp()[..., None]
+                               for part_out, part_lse in parts)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.segments, ctx.scale, ctx.window = segments, scale, window
         return out
@@ -149,41 +169,43 @@ class _ChunkedCausalAttention(torch.autograd.Function):
             for keys, causal, band in blocks:
                 gq, gk, gv = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu_backward(
                     grad_out[queries].contiguous(), q[queries], k[keys], v[keys], out[queries], lse[queries], 0.0,
-                    causal, attn_mask=_band_mask(band, q.dtype), scale=ctx.scale)
+                    causal, attn_mask=_band_mask(segment, band, ctx.window, q.dtype), scale=ctx.scale)
                 dq[queries] += gq
                 dk[keys] += gk
                 dv[keys] += gv
         return dq, dk, dv, None, None, None
 
 
-def _segment_blocks(segment, window: int | None):
+def _segment_blocks(segment: QuerySegment, window: int | None):
     """A segment's query index and its (key index, causal, band) blocks: its own keys causally, the earlier keys
-    that all its queries see fully, and with a window the band that only some see (``band``: what its mask needs)."""
-    row, start, length, first_key, position = segment
-    rows = slice(None) if row is None else slice(row, row + 1)
-    index = lambda lo, hi: (rows, slice(None), slice(lo, hi))  # noqa: E731
+    that all its queries see fully, and with a window the band that only some see."""
+    rows = slice(None) if segment.row is None else slice(segment.row, segment.row + 1)
+    start, length, position = segment.start, segment.length, segment.position
+
+    def index(lo: int, hi: int) -> tuple:
+        return rows, slice(None), slice(lo, hi)
+
     blocks = [(index(position, position + length), True, None)]
-    seen_by_all = first_key if window is None else max(first_key, position + length - window)
+    seen_by_all = segment.first_key if window is None else max(segment.first_key, position + length - window)
     if position > seen_by_all:
         blocks.append((index(seen_by_all, position), False, None))
     if window is not None:
-        band = max(first_key, position - window + 1)
-        if seen_by_all > band:
-            blocks.append((index(band, seen_by_all), False, (length, band, seen_by_all, position, window)))
+        band = _Band(max(segment.first_key, position - window + 1), seen_by_all)
+        if band.hi > band.lo:
+            blocks.append((index(*band), False, band))
     return index(start, start + length), blocks
 
 
-def _band_mask(band, dtype: torch.dtype) -> torch.Tensor | None:
-    """Additive (length × keys) mask of a band block: query i (at position+i) sees key k iff k > position+i−window."""
+def _band_mask(segment: QuerySegment, band: _Band | None, window: int, dtype: torch.dtype) -> torch.Tensor | None:
+    """Additive (length × band) mask: the query at position p sees key k iff k > p − window."""
     if band is None:
         return None
-    length, lo, hi, position, window = band
-    keys, queries = torch.arange(lo, hi), torch.arange(position, position + length)
-    return torch.zeros(length, hi - lo, dtype=dtype).masked_fill(keys[None] <= queries[:, None] - window,
-                                                                 float("-inf"))
+    keys = torch.arange(band.lo, band.hi)
+    queries = torch.arange(segment.position, segment.position + segment.length)
+    hidden = keys[None] <= queries[:, None] - window
+    return torch.zeros(hidden.shape, dtype=dtype).masked_fill(hidden, float("-inf"))
 
 
-def _unseen(band, device) -> torch.Tensor:
-    """The queries of a band block that see none of its keys."""
-    length, _, hi, position, window = band
-    return torch.arange(position, position + length, device=device) - window + 1 >= hi
+def _unseen(segment: QuerySegment, band: _Band, window: int) -> torch.Tensor:
+    """The queries of a segment that see none of its band's keys."""
+    return torch.arange(segment.position, segment.position + segment.length) - window + 1 >= band.hi

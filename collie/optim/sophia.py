@@ -101,7 +101,7 @@ def refresh_hessian(optimizer: SophiaG, model: torch.nn.Module, batch: dict, for
 
 def validate_sophia_config(cfg) -> None:
     from collie.layout_rules import check_sophia
-    check_sophia("sophia", cfg.parallel.pp)
+    check_sophia("sophia", cfg.parallel.pp, cfg.parallel.cp)
 
 
 @register_optimizer("sophia", validate=validate_sophia_config)

@@ -4,25 +4,31 @@ split over the cp ranks (``ContextParallel``), and reports the largest differenc
 gradients (summed over cp, as data parallelism does)."""
 from __future__ import annotations
 
+import contextlib
 import sys
 
 import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import init_device_mesh
 
+from collie.distributed.activation_checkpointing import apply_activation_checkpointing
 from collie.distributed.context_parallel import ContextParallel
 from collie.distributed.launch import write_rank_result
 from collie.loss import causal_lm_loss_sum, token_loss_sum
 from collie.models import ModelArgs, build_model
 
 SEED, BATCH, VOCAB = 7, 2, 128
-# name -> (architecture overrides, sequence length, packed documents, right padding); the first two need no mask
+# name -> (architecture overrides, sequence length, packed documents, right padding[, how it runs]); only the
+# soft-capped scores need an (s/cp × s) mask. "checkpointed": activation checkpointing recomputes attention in
+# backward; "autocast": bf16 autocast over fp32 weights, as train.precision=bf16 runs (rotary keeps q/k in fp32)
 CASES = {
     "causal": ({}, 16, False, False),
     "padded_odd_length": ({}, 13, False, True),  # padded to a multiple of 2·cp inside the split
     "documents": ({}, 16, True, False),
     "sliding_window_documents": ({"sliding_window": 5}, 16, True, True),
     "softcapped": ({"attn_logit_softcapping": 5.0, "query_pre_attn_scalar": 16}, 16, False, False),
+    "scaled_checkpointed": ({"query_pre_attn_scalar": 16}, 16, True, False, "checkpointed"),
+    "autocast": ({}, 16, False, False, "autocast"),
 }
 
 
@@ -61,23 +67,30 @@ def reference(model, data: dict, packed: bool) -> tuple[torch.Tensor, dict]:
 
 
 def run(case: str, mesh) -> dict:
-    overrides, seq, packed, padded = CASES[case]
+    overrides, seq, packed, padded, *how = CASES[case]
     model, data = tiny_model(overrides), batch(seq, packed, padded)
-    expected_loss, expected_grads = reference(model, data, packed)
+    precision = torch.autocast("cpu", dtype=torch.bfloat16) if how == ["autocast"] else contextlib.nullcontext()
+    with precision:
+        expected_loss, expected_grads = reference(model, data, packed)
+    if how == ["checkpointed"]:
+        apply_activation_checkpointing(model, "full")
     plan = ContextParallel(mesh)
     plan.apply(model)
     shard = plan.shard(data, document_masking=packed)
-    with plan.attending(shard):
-        loss = token_loss_sum(model(shard.input_ids, position_ids=shard.position_ids), shard.targets)
-    loss.backward()
+    with plan.through_backward():  # as the engine runs a step: backward may recompute attention
+        with plan.attending(shard), precision:
+            loss = token_loss_sum(model(shard.input_ids, position_ids=shard.position_ids), shard.targets)
+        loss.backward()
     total = loss.detach().clone()
     dist.all_reduce(total, group=mesh.get_group())
-    grad_diff = 0.0
+    grad_diff, grad_max = 0.0, 0.0
     for name, p in model.named_parameters():
+        name = name.replace("._checkpoint_wrapped_module", "")
         dist.all_reduce(p.grad, group=mesh.get_group())
         grad_diff = max(grad_diff, (p.grad - expected_grads[name]).abs().max().item())
+        grad_max = max(grad_max, expected_grads[name].abs().max().item())
     unsplit = causal_lm_loss_sum(model(data["input_ids"], position_ids=data["position_ids"]), data["labels"])
-    return {"loss": total.item(), "expected_loss": expected_loss.item(), "grad_diff": grad_diff,
+    return {"loss": total.item(), "expected_loss": expected_loss.item(), "grad_diff": grad_diff, "grad_max": grad_max,
             "tokens": shard.input_ids.shape[1], "unsplit_runs_whole": unsplit.shape == (),
             "masked": bool(shard._masks)}
 

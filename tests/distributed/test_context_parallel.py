@@ -27,9 +27,10 @@ QUICKSTART = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.pat
 
 
 @pytest.mark.parametrize("dtype, atol", [(torch.float64, 1e-12), (torch.float32, 1e-5)])
-@pytest.mark.parametrize("packed, window", [(False, None), (True, None), (False, 5), (True, 3), (True, 11)],
-                         ids=["causal", "documents", "window", "documents_window", "documents_long_window"])
-def test_chunked_causal_attention_equals_masked_attention(dtype, atol, packed, window):
+@pytest.mark.parametrize("packed, window, scale", [(False, None, None), (True, None, 0.2), (False, 5, None),
+                                                   (True, 3, None), (True, 11, 0.3)],
+                         ids=["causal", "documents_scaled", "window", "documents_window", "documents_long_window"])
+def test_chunked_causal_attention_equals_masked_attention(dtype, atol, packed, window, scale):
     """Every rank's two chunks (cut at document starts when packed, into pieces no longer than the window),
     attended without a (query × key) mask and merged by log-sum-exp, give the outputs and (summed over ranks) the
     gradients of one masked SDPA over the whole rows; fp32: the merge rounds once per block of at most 8 keys × 4
@@ -47,14 +48,14 @@ def test_chunked_causal_attention_equals_masked_attention(dtype, atol, packed, w
     generator = torch.Generator().manual_seed(0)
     q, k, v, grad = (torch.randn(2, heads, seq, 16, generator=generator, dtype=dtype) for heads in (8, 4, 4, 8))
     expected = [t.clone().requires_grad_() for t in (q, k, v)]
-    reference = F.scaled_dot_product_attention(*expected, attn_mask=mask, enable_gqa=True)
+    reference = F.scaled_dot_product_attention(*expected, attn_mask=mask, enable_gqa=True, scale=scale)
     reference.backward(grad)
     q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
     for rank in range(cp):
         held = shard_positions(seq, cp, rank)
         shard = SequenceShard(None, None, None, held, torch.arange(seq), None,
                               document_ids(positions) if packed else None)
-        out = chunked_causal_attention(q[:, :, held], k, v, shard.segments(window), window=window)
+        out = chunked_causal_attention(q[:, :, held], k, v, shard.query_segments(window), scale, window)
         out.backward(grad[:, :, held])
         torch.testing.assert_close(out, reference[:, :, held], atol=atol, rtol=0)
     for got, want in zip((q, k, v), expected):
@@ -78,10 +79,14 @@ def ranks():
 
 @pytest.mark.parametrize("case", list(cp_rank.CASES))
 def test_context_parallel_attention_equals_full_attention(ranks, case):
+    # fp32: the split sums the same products in other blockings (~1e-7 relative). bf16 autocast: both runs round
+    # every matmul output to 8 mantissa bits (2^-9 relative) in different blockings, through 2 layers: 2e-2
+    rtol = 2e-2 if case == "autocast" else 1e-5
     for rank in ranks:
         result = rank[case]
-        assert result["loss"] == pytest.approx(result["expected_loss"], rel=1e-5)
-        assert result["grad_diff"] < 1e-5, f"{case}: gradients differ by {result['grad_diff']}"
+        assert result["loss"] == pytest.approx(result["expected_loss"], rel=rtol)
+        assert result["grad_diff"] < rtol * max(1.0, result["grad_max"]), \
+            f"{case}: gradients differ by {result['grad_diff']} (largest {result['grad_max']})"
         assert result["unsplit_runs_whole"]
         assert result["masked"] == (case == "softcapped"), "causal SDPA needs no (query × key) mask"
     seq = cp_rank.CASES[case][1]

@@ -44,6 +44,7 @@ VIOLATIONS = [
     (rules.check_fused_optimizer, ("adalomo", 1, 1, "native"), "parallel.zero_stage=1"),
     (rules.check_fused_optimizer, ("lomo", 1, 0, "deepspeed"), "parallel.engine=deepspeed"),
     (rules.check_sophia, ("sophia", 2), "parallel.pp=2"),
+    (rules.check_sophia, ("sophia", 1, 2), "parallel.cp=2"),
     (rules.check_dp_replicate, (2, 4, 3, "deepspeed"), "parallel.engine=native"),
     (rules.check_dp_replicate, (2, 4, 1), "parallel.zero_stage 2 or 3"),
     (rules.check_dp_replicate, (3, 4, 3), "parallel.dp_replicate=3 does not divide parallel.dp=4"),
