@@ -216,6 +216,21 @@ def test_cp_all_gathers_kv_forward_and_reduce_scatters_backward():
     assert comm.payload[("dp", "all_reduce")] == 4 * SMALL.num_params()  # gradients summed over dp × cp
 
 
+@pytest.mark.parametrize("cp,tp,sequence_parallel", [(2, 1, False), (2, 4, True), (4, 2, True), (4, 2, False)])
+def test_cp_pads_the_sequence_as_context_parallel_shards_it(cp, tp, sequence_parallel):
+    """A rank's tokens are those ``ContextParallel.shard`` gives it: the sequence padded to a multiple of 2·cp,
+    times tp under sequence parallelism (which splits the rank's share again over tp)."""
+    from types import SimpleNamespace
+
+    from collie.distributed.context_parallel import ContextParallel
+    mesh = SimpleNamespace(size=lambda: cp, get_local_rank=lambda: 0)
+    plan = ContextParallel(mesh, tp if sequence_parallel else 1)
+    ids = torch.ones(1, 100, dtype=torch.long)
+    shard = plan.shard({"input_ids": ids, "labels": ids, "attention_mask": torch.ones_like(ids)})
+    setup = Setup(cp=cp, tp=tp, sequence_parallel=sequence_parallel, seq_len=100)
+    assert setup.local_seq_len == shard.input_ids.shape[1]
+    assert setup.padded_seq_len == shard.input_ids.shape[1] * cp
+
 # --- agreement with torch on CPU -----------------------------------------------------------------------------
 
 def saved_tensor_bytes(model, ids, autocast: bool) -> int:

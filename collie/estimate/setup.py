@@ -94,12 +94,19 @@ class Setup:
         return self.dp * self.tp * self.pp * self.cp
 
     @property
+    def sequence_multiple(self) -> int:
+        """What a rank's share of the sequence is padded to a multiple of: tp under sequence parallelism, which
+        splits it again over the tp ranks (``ParallelEngine.sequence_multiple``)."""
+        return self.tp if self.sequence_parallel else 1
+
+    @property
     def local_seq_len(self) -> int:
-        """Tokens of a sequence on one rank: s/cp, the sequence padded to a multiple of 2·cp first
-        (``collie.distributed.context_parallel``)."""
+        """Tokens of a sequence on one rank: s/cp, the sequence padded to a multiple of 2·cp·sequence_multiple
+        first (``collie.distributed.context_parallel.ContextParallel.shard``)."""
         if self.cp == 1:
             return self.seq_len
-        return -(-self.seq_len // (2 * self.cp)) * 2
+        chunks = 2 * self.cp * self.sequence_multiple
+        return -(-self.seq_len // chunks) * chunks // self.cp
 
     @property
     def padded_seq_len(self) -> int:
