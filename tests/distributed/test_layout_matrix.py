@@ -117,6 +117,8 @@ LAYOUTS = {
     "dp2x2_zero3": (4, 4, ["parallel.dp=4", "parallel.dp_replicate=2", "parallel.zero_stage=3"]),
     # context parallel: each sequence split over 2 ranks (k/v all-gathered), alone and with dp2 ZeRO-3 (dp × cp)
     "cp2": (2, 1, ["parallel.cp=2"]),
+    # ... with activation checkpointing: backward recomputes the split attention (the shard outlives the forward)
+    "cp2_ckpt": (2, 1, ["parallel.cp=2", "model.activation_checkpointing=full"]),
     "cp2_dp2": (4, 2, ["parallel.dp=2", "parallel.cp=2", "parallel.zero_stage=3"]),
     # ... and with tensor + sequence parallelism: each cp rank's share split again over the tp ranks
     "cp2_tp2_sp": (4, 1, ["parallel.cp=2", "parallel.tp=2", "parallel.sequence_parallel=true"]),
