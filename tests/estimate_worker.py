@@ -44,6 +44,7 @@ COLLIE_LAYOUTS = {
     "collie_ep2": {"dp": 2, "ep": 2, "moe": True},
     "collie_ep2_zero3": {"dp": 2, "ep": 2, "zero_stage": 3, "moe": True},
     "collie_tp2_moe": {"tp": 2, "moe": True},
+    "collie_tp2_sp_moe_autocast": {"tp": 2, "sequence_parallel": True, "precision": "bf16", "moe": True},
     # 4 ranks: HSDP, 2 replicas × 2 shards; dp × cp; two replicas of each expert
     "collie_hsdp_zero2": {"dp": 4, "dp_replicate": 2, "zero_stage": 2},
     "collie_hsdp_zero3": {"dp": 4, "dp_replicate": 2, "zero_stage": 3},

@@ -442,6 +442,7 @@ COMM_SCENARIOS = {
     "collie_ep2": dict(dp=2, ep=2),
     "collie_ep2_zero3": dict(dp=2, ep=2, zero_stage=3),
     "collie_tp2_moe": dict(tp=2),
+    "collie_tp2_sp_moe_autocast": dict(tp=2, sequence_parallel=True, precision="bf16"),
 }
 
 # 4 ranks: HSDP (2 replicas × 2 shards), dp2 × cp2, dp4 with two replicas of each expert; checked like the above
@@ -490,7 +491,7 @@ def test_predicted_bytes_equal_counted_bytes(name, request):
     ranks = request.getfixturevalue("hsdp_ranks" if name in HSDP_COMM_SCENARIOS else "counted_ranks")
     fields = {"micro_batch_size": COMM_BATCH, "seq_len": COMM_SEQ, **scenarios[name]}
     setup = Setup(**fields)
-    args = ModelArgs(**(COMM_MOE_ARGS if setup.ep > 1 or name.endswith("moe") else COMM_ARGS))
+    args = ModelArgs(**(COMM_MOE_ARGS if setup.ep > 1 or "moe" in name else COMM_ARGS))
     routed, predicted_routed = 0, 0
     for rank, results in enumerate(ranks):
         result = results[name]

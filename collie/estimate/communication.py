@@ -7,14 +7,15 @@ T = tokens per pipeline micro-batch, h hidden, R the residual dtype (params'), C
 parameter bytes, P the rank's parameters (tp shards; FSDP pads dim 0 to a multiple of dp).
 
 tp (``collie.distributed.tensor_parallel``; DTensor colwise/rowwise plans), per micro-batch and layer (a MoE block
-runs whole on every tp rank and reduces nothing over tp: only attention's collectives; with SP counted like a
-dense MLP's, approximate):
+runs whole on every tp rank and reduces nothing over tp: only attention's reductions; with sequence parallel its
+input is all-gathered like a dense MLP's, and its output's shard and its input gradient's are local chunks):
   forward: all-reduce T·h·C after o_proj and down_proj (sequence parallel: reduce-scatter instead, and an
   all-gather T·h·R of the norm output before attention and before the MLP);
   backward: one all-reduce T·h·R of the input gradient of attention and of the MLP — q/k/v and gate/up share
   one replicated DTensor input, so their gradients are summed first (Megatron's 2 per layer); sequence
-  parallel: a reduce-scatter instead, all-gathers T·h·C of the o/down output gradients and an all-reduce of
-  each norm weight's gradient;
+  parallel: a reduce-scatter instead, all-gathers of the o/down output gradients (T·h·C; a MoE block's output,
+  and so its gradient, is in R: the experts' outputs are added into a tensor of the input's dtype) and an
+  all-reduce of each norm weight's gradient;
   embedding: all-reduce T·h·R forward (SP: reduce-scatter forward, all-gather backward); lm_head: input
   gradient all-reduce T·h·R (SP: all-gather forward, reduce-scatter backward); vocab-parallel loss: three
   all-reduces of T fp32 values.
@@ -103,8 +104,6 @@ def _rank_comm(args: ModelArgs, setup: Setup, stage: Stage) -> CommEstimate:
     tokens = setup.micro_batch_size // setup.n_microbatches * setup.local_seq_len
     _tensor_parallel(ledger, args, setup, stage, tokens, forwards)
     approximate = _data_parallel(ledger, args, setup, stage)
-    if args.num_experts and setup.tp > 1 and setup.sequence_parallel:
-        approximate.append("tp")
     _pipeline(ledger, args, setup, stage, tokens, forwards)
     _context_parallel(ledger, args, setup, stage, tokens, forwards)
     _expert_parallel(ledger, args, setup, stage, tokens, forwards)
@@ -118,13 +117,13 @@ def _tensor_parallel(ledger: _Ledger, args: ModelArgs, setup: Setup, stage: Stag
     residual = tokens * h * DTYPE_BYTES[setup.param_dtype]
     compute = tokens * h * DTYPE_BYTES[setup.compute_dtype]
     layers = stage.layers * times
-    # blocks split over tp per layer: attention and a dense MLP; a MoE block runs whole on every tp rank (its
-    # SP boundary is counted like a dense MLP's: approximate, see _tensor_parallel's caller)
-    blocks = layers * (1 if args.num_experts and not setup.sequence_parallel else 2)
+    # blocks split over tp per layer: attention and a dense MLP; a MoE block runs whole on every tp rank
+    blocks = layers * (1 if args.num_experts else 2)
     if setup.sequence_parallel:
         ledger.add("tp", "all_gather", residual, t, 2 * layers)  # norm outputs → attention, MLP
-        ledger.add("tp", "reduce_scatter", compute, t, 2 * layers)  # o_proj, down_proj outputs
-        ledger.add("tp", "all_gather", compute, t, 2 * layers)  # their output gradients
+        ledger.add("tp", "reduce_scatter", compute, t, blocks)  # o_proj, down_proj outputs
+        ledger.add("tp", "all_gather", compute, t, blocks)  # their output gradients
+        ledger.add("tp", "all_gather", residual, t, 2 * layers - blocks)  # a MoE output's gradient (in R)
         ledger.add("tp", "all_reduce", h * setup.param_bytes, t, 2 * layers)  # norm weight gradients
     else:
         ledger.add("tp", "all_reduce", compute, t, blocks)
