@@ -11,7 +11,7 @@ from collie.estimate import Setup, estimate_communication, estimate_memory, plan
 from collie.estimate import activations as act
 from collie.estimate.cli import estimate_main
 from collie.estimate.memory import GIB
-from collie.estimate.shapes import model_tensors, pipeline_stages
+from collie.estimate.shapes import model_tensors, pipeline_stages, setup_inventory, stage_tensors
 from collie.models import ModelArgs, build_model, load_card
 from collie.loss import causal_lm_loss_sum
 
@@ -140,6 +140,41 @@ TINY_MOE = dict(vocab_size=512, hidden_size=128, intermediate_size=192, num_hidd
 
 def routed_expert_numel(args: ModelArgs) -> int:
     return args.num_hidden_layers * args.num_experts * 3 * args.hidden_size * args.moe_intermediate_size_
+
+
+QWEN2_MOE = dict(TINY_MOE, architecture="qwen2_moe", shared_expert_intermediate_size=256, moe_intermediate_size=96,
+                 norm_topk_prob=False)
+MOE_LORA_CASES = [(("q_proj", "v_proj"), False), (("q_proj", "gate_proj", "down_proj"), False),
+                  (("q_proj", "gate_proj", "down_proj"), True), (("up_proj",), True)]
+
+
+@pytest.mark.parametrize("targets,experts", MOE_LORA_CASES)
+def test_moe_lora_adapters_are_collies(targets, experts):
+    """LoRA on a MoE model as collie.peft.apply_lora adds it: targets match the last name component, so the
+    shared expert's MLP is adapted by default and the routed experts only with peft.lora_experts."""
+    from collie.peft import apply_lora, count_parameters
+    args = ModelArgs(**QWEN2_MOE)
+    model = build_model(args, device="meta")
+    apply_lora(model, r=4, target_modules=targets, experts=experts)
+    setup = Setup(peft="lora", lora_r=4, lora_targets=targets, lora_experts=experts)
+    tensors = stage_tensors(args, pipeline_stages(args, 1)[0], *setup_inventory(setup))
+    assert sum(t.numel for t in tensors if t.trainable) == count_parameters(model)[0]
+    assert sum(t.numel for t in tensors) == count_parameters(model)[1]
+    states = 8 * count_parameters(model)[0]  # AdamW, fp32
+    assert estimate_memory(args, setup.replace(micro_batch_size=1, seq_len=8)).breakdown["optimizer_state"] == \
+        pytest.approx(gib(states))
+
+
+def test_moe_lora_rules_are_collies():
+    with pytest.raises(ConfigError, match="set peft.method=lora"):
+        Setup(lora_experts=True)
+    with pytest.raises(ConfigError, match="names none of the routed experts' linears"):
+        estimate_memory(ModelArgs(**TINY_MOE), Setup(peft="lora", lora_experts=True))
+    with pytest.raises(ConfigError, match="has none"):
+        estimate_memory(SMALL, Setup(peft="lora", lora_targets=("gate_proj",), lora_experts=True))
+    # a Mixtral's only MLPs are routed experts
+    with pytest.raises(ConfigError, match=r"\['gate_proj'\] matches no linear of this model \(the routed"):
+        estimate_memory(ModelArgs(**TINY_MOE), Setup(peft="lora", lora_targets=("q_proj", "gate_proj")))
 
 
 @pytest.mark.parametrize("card", ["mixtral-8x7b", "qwen3-30b-a3b", "qwen1.5-moe-a2.7b", "tiny-moe"])
@@ -274,16 +309,20 @@ def test_saved_activations_match_autograd_exactly(dtype, precision, lora):
     assert gib(saved_tensor_bytes(model, ids, precision == "bf16")) == pytest.approx(expected, rel=1e-9)
 
 
-@pytest.mark.parametrize("arch", ["mixtral", "qwen2_moe"])
+@pytest.mark.parametrize("arch,lora", [("mixtral", None), ("qwen2_moe", None), ("qwen2_moe", MOE_LORA_CASES[1]),
+                                       ("mixtral", MOE_LORA_CASES[2]), ("qwen2_moe", MOE_LORA_CASES[2])])
 @pytest.mark.parametrize("dtype,precision", [("bfloat16", "fp32"), ("float32", "bf16")])
-def test_saved_moe_activations_match_autograd_exactly(arch, dtype, precision):
-    """The routed experts (k rows per token whatever the routing), the router and Qwen2-MoE's shared expert."""
-    extra = dict(shared_expert_intermediate_size=256, moe_intermediate_size=96, norm_topk_prob=False) \
-        if arch == "qwen2_moe" else {}
-    args = ModelArgs(**{**TINY_MOE, "architecture": arch, **extra})
+def test_saved_moe_activations_match_autograd_exactly(arch, dtype, precision, lora):
+    """The routed experts (k rows per token whatever the routing), the router and Qwen2-MoE's shared expert;
+    with LoRA, adapters on the shared expert and (peft.lora_experts) on every routed one."""
+    from collie.peft import apply_lora
+    args = ModelArgs(**(QWEN2_MOE if arch == "qwen2_moe" else TINY_MOE))
     batch, seq = 2, 24
     model = build_model(args, device="cpu", seed=0).to(getattr(torch, dtype))
     setup = Setup(param_dtype=dtype, precision=precision, micro_batch_size=batch, seq_len=seq)
+    if lora:
+        apply_lora(model, r=4, target_modules=lora[0], experts=lora[1])
+        setup = setup.replace(peft="lora", lora_r=4, lora_targets=lora[0], lora_experts=lora[1])
     mem = estimate_memory(args, setup)
     expected = mem.phases["forward_end"] - mem.breakdown["weights"] - mem.breakdown["optimizer_state"]
     expected -= gib(act.logits_bytes(args, setup) * batch * seq)
@@ -622,6 +661,20 @@ def test_cli_ep_and_cp_flags(capsys):
     assert "× cp 2" in capsys.readouterr().err
     assert estimate_main(["--card", "llama-1b", "--dp", "2", "--ep", "2"]) == 2
     assert "parallel.ep=2" in capsys.readouterr().err
+
+
+def test_cli_lora_flags(capsys):
+    """--lora-targets and --lora-experts: the routed experts' adapters cost E× the shared expert's state."""
+    lora = ["--card", "qwen1.5-moe-a2.7b", "--peft", "lora", "--lora-targets", "q_proj,gate_proj", "--json"]
+    states = []
+    for experts in ([], ["--lora-experts"]):
+        assert estimate_main(lora + experts) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["setup"]["lora_targets"] == ["q_proj", "gate_proj"] and out["setup"]["lora_experts"] == bool(experts)
+        states.append(out["memory"]["breakdown_gib"]["optimizer_state"])
+    assert states[1] > 10 * states[0]
+    assert estimate_main(lora[:-3] + ["--lora-experts"]) == 2
+    assert "names none of the routed experts' linears" in capsys.readouterr().err
 
 
 def test_cli_job_config_reads_cp_and_ep(capsys):

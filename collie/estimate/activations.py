@@ -54,9 +54,23 @@ class Widths:
                    args.num_attention_heads // t, args.intermediate_size // t, args.vocab_size // t)
 
 
-def _trains(setup: Setup, linear: str) -> bool:
-    """Whether ``linear`` saves its input: its weight trains (full fine-tuning) or it has a LoRA adapter."""
-    return setup.peft == "none" or linear in setup.lora_targets
+def _trains(setup: Setup, linear: str, routed: bool = False) -> bool:
+    """Whether ``linear`` saves its input: its weight trains (full fine-tuning) or it has a LoRA adapter (a
+    routed expert's only with peft.lora_experts)."""
+    if setup.peft == "none":
+        return True
+    return linear in setup.lora_targets and (setup.lora_experts or not routed)
+
+
+def _adapted_per_token(args: ModelArgs, setup: Setup) -> int:
+    """LoRA adapters one token passes through in a layer: each targeted attention, dense MLP and shared-expert
+    linear once, each targeted routed-expert linear k times (with peft.lora_experts)."""
+    attention = sum(_trains(setup, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj"))
+    mlp = sum(_trains(setup, name) for name in ("gate_proj", "up_proj", "down_proj"))
+    if not args.num_experts:
+        return attention + mlp
+    routed = sum(_trains(setup, name, routed=True) for name in ("gate_proj", "up_proj", "down_proj"))
+    return attention + (mlp if args.shared_expert_intermediate_size else 0) + args.num_experts_per_tok * routed
 
 
 def norm_bytes(args: ModelArgs, setup: Setup, readers: tuple[str, ...], norm_trains: bool) -> dict[str, float]:
@@ -87,16 +101,16 @@ def layer_bytes(args: ModelArgs, setup: Setup) -> dict[str, float]:
                attn_v=compute * w.kv_saved * gathered, attn_out=compute * w.q, attn_logsumexp=FP32 * w.heads)
     out.update(moe_bytes(args, setup) if args.num_experts else swiglu_bytes(setup, w.inner, "mlp"))
     if setup.peft == "lora":
-        out["lora_hidden"] = compute * setup.lora_r * len(setup.lora_targets)
+        out["lora_hidden"] = compute * setup.lora_r * _adapted_per_token(args, setup)
     return out
 
 
-def swiglu_bytes(setup: Setup, inner: int, prefix: str) -> dict[str, float]:
-    """Per token row of a SwiGLU of width ``inner``: gate output (silu), silu and up outputs (the product), and
-    the product (down_proj)."""
+def swiglu_bytes(setup: Setup, inner: int, prefix: str, routed: bool = False) -> dict[str, float]:
+    """Per token row of a SwiGLU of width ``inner`` (``routed``: a routed expert's): gate output (silu), silu and
+    up outputs (the product), and the product (down_proj)."""
     compute = DTYPE_BYTES[setup.compute_dtype]
     out = {f"{prefix}_gate": compute * inner, f"{prefix}_silu": compute * inner, f"{prefix}_up": compute * inner}
-    if _trains(setup, "down_proj"):
+    if _trains(setup, "down_proj", routed):
         out[f"{prefix}_product"] = compute * inner
     return out
 
@@ -115,8 +129,10 @@ def moe_bytes(args: ModelArgs, setup: Setup) -> dict[str, float]:
     residual, compute = DTYPE_BYTES[setup.param_dtype], DTYPE_BYTES[setup.compute_dtype]
     # Mixtral keeps the routing weights in fp32; Qwen casts them to the router logits' dtype
     weight = FP32 if args.architecture == "mixtral" else compute
-    rows = (2 * compute if setup.autocast else residual) * h if _trains(setup, "gate_proj") else 0.0
-    routed = swiglu_bytes(setup, args.moe_intermediate_size_, "moe_expert")
+    # the rows copied to an expert, kept by its gate and up (under autocast each keeps its own cast)
+    savers = sum(_trains(setup, name, routed=True) for name in ("gate_proj", "up_proj"))
+    rows = (compute * savers if setup.autocast else residual * bool(savers)) * h
+    routed = swiglu_bytes(setup, args.moe_intermediate_size_, "moe_expert", routed=True)
     out = {"moe_router": FP32 * experts + INDEX * k + (FP32 * (k + 1) if args.norm_topk_prob else 0),
            "moe_expert_input": k * rows, **{key: k * value for key, value in routed.items()},
            # ep: the experts' outputs are kept twice, by the local index_add and (sent back) by the weighting

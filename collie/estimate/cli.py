@@ -48,6 +48,10 @@ FLAGS = {
                                                "parameters (the DeepSpeed engine's recipe)"),
     "peft": ("peft", str, "none or lora (peft.method)"),
     "lora_r": ("lora_r", int, "LoRA rank (peft.r)"),
+    "lora_targets": ("lora_targets", lambda names: tuple(names.split(",")),
+                     "comma-separated linears LoRA adapts, by last name component (peft.target_modules; "
+                     "default q_proj,v_proj)"),
+    "lora_experts": ("lora_experts", bool, "LoRA on the routed experts' target linears too (peft.lora_experts)"),
     "dtype": ("param_dtype", str, "parameter dtype: float32, bfloat16 or float16 (model.dtype)"),
     "precision": ("precision", str, "compute precision: fp32, bf16 or fp16 autocast (train.precision)"),
     "ckpt": ("activation_checkpointing", str, "activation checkpointing: none, full, selective or attention "
@@ -89,7 +93,7 @@ def build_parser() -> argparse.ArgumentParser:
         if kind is bool:
             layout.add_argument(name, dest=flag, action="store_const", const=True, help=text)
         else:
-            layout.add_argument(name, dest=flag, type=kind, help=text, metavar=METAVARS[kind])
+            layout.add_argument(name, dest=flag, type=kind, help=text, metavar=METAVARS.get(kind, "NAMES"))
     return parser
 
 
@@ -186,7 +190,7 @@ def describe(setup: Setup) -> str:
     extra = "".join(f" {name}={value}" for name, value in (("cp", s.cp), ("ep", s.ep)) if value > 1)
     parts = [f"dp={s.dp}{hsdp} tp={s.tp} pp={s.pp}{extra}",
              f"ZeRO-{s.zero_stage}" + (" +offload" if s.cpu_offload else ""),
-             s.optimizer + (f"+lora(r={s.lora_r})" if s.peft == "lora" else ""),
+             s.optimizer + (f"+lora(r={s.lora_r}{', experts' if s.lora_experts else ''})" if s.peft == "lora" else ""),
              f"{s.param_dtype} params, {s.compute_dtype} compute", f"checkpointing={s.activation_checkpointing}",
              f"{s.micro_batch_size}×{s.seq_len} tokens per forward"]
     if s.sequence_parallel:

@@ -46,7 +46,7 @@ from dataclasses import dataclass, field
 
 from collie.estimate.counting import CONTROL_MAX_NUMEL, wire_bytes
 from collie.estimate.setup import DTYPE_BYTES, Setup
-from collie.estimate.shapes import Stage, setup_stages, stage_tensors
+from collie.estimate.shapes import Stage, setup_inventory, setup_stages, stage_tensors
 from collie.models.args import ModelArgs
 
 FP32 = 4
@@ -149,8 +149,7 @@ def _data_parallel(ledger: _Ledger, args: ModelArgs, setup: Setup, stage: Stage)
     """Returns the dimensions whose figure is approximate."""
     if setup.gradient_ranks == 1:
         return []
-    lora = (setup.lora_targets, setup.lora_r) if setup.peft == "lora" else ((), 0)
-    tensors = stage_tensors(args, stage, *lora, setup.ep)
+    tensors = stage_tensors(args, stage, *setup_inventory(setup))
     split = setup.ep > 1  # without ep the experts are reduced like the rest
     experts = [t for t in tensors if split and t.expert]
     _gradient_sync(ledger, setup, "dp", [t for t in tensors if not (split and t.expert)], setup.gradient_ranks,

@@ -22,8 +22,8 @@ parameter from forward to backward, stage 3 holds the root group (embedding/norm
 time. ZeRO shards over the shard group: all of dp, or dp/dp_replicate ranks under HSDP (``dp_replicate`` > 1),
 whose replicas each hold a whole sharded copy, times cp (collie folds cp into the data-parallel mesh); under ep a
 rank holds num_experts/ep routed experts, which ZeRO shards over the dp/ep ranks holding the same ones
-(``zero_shards``). Context parallelism divides the tokens a rank holds by cp (``activations``). LOMO/AdaLomo keep no gradient set: only the parameter being
-updated, with its fp32 temporaries.
+(``zero_shards``). Context parallelism divides the tokens a rank holds by cp (``activations``). LOMO/AdaLomo keep
+no gradient set: only the parameter being updated, with its fp32 temporaries.
 """
 from __future__ import annotations
 
@@ -33,7 +33,7 @@ from functools import partial
 from collie.estimate import activations as act
 from collie.estimate.setup import DTYPE_BYTES, Setup
 from collie.estimate.shapes import (Stage, Tensor, embedding_tensors, head_tensors, layer_tensors,
-                                   setup_stages, stage_tensors)
+                                   setup_inventory, setup_stages, stage_tensors)
 from collie.models.args import ModelArgs
 
 GIB = 2 ** 30
@@ -91,7 +91,7 @@ def estimate_memory(args: ModelArgs, setup: Setup | None = None, pp_rank: int | 
 # --- one pipeline rank -------------------------------------------------------------------------------------
 
 def _rank_estimate(args: ModelArgs, setup: Setup, stage: Stage) -> MemoryEstimate:
-    tensors = stage_tensors(args, stage, *_local(setup))
+    tensors = stage_tensors(args, stage, *setup_inventory(setup))
     resident, host = _resident(setup, tensors)
     phases = {name: {**resident, **parts} for name, parts in _phase_parts(args, setup, stage, tensors).items()}
     totals = {name: sum(parts.values()) / GIB for name, parts in phases.items()}
@@ -100,11 +100,6 @@ def _rank_estimate(args: ModelArgs, setup: Setup, stage: Stage) -> MemoryEstimat
     breakdown = {k: v / GIB for k, v in phases[peak_phase].items() if v}
     return MemoryEstimate(setup, peak, peak * (1 + ALLOCATOR_OVERHEAD) + RUNTIME_OVERHEAD_GIB, peak_phase,
                           breakdown, totals, host / GIB, stage.pp_rank)
-
-
-def _local(setup: Setup) -> tuple[tuple[str, ...], int, int]:
-    """What a rank's inventory depends on: (targets, rank) of the LoRA adapters (or none), and ep."""
-    return ((setup.lora_targets, setup.lora_r) if setup.peft == "lora" else ((), 0)) + (setup.ep,)
 
 
 def zero_shards(setup: Setup, tensor: Tensor) -> int:
@@ -311,7 +306,8 @@ def _first_layer_grads(args: ModelArgs, setup: Setup, stage: Stage) -> float:
     """Gradients not yet produced while the stage's first layer runs backward: that layer's and the
     embedding's (their share of what ``_final_grads`` counts at the end)."""
     frozen = setup.peft == "lora"
-    first = layer_tensors(args, *_local(setup)) + (embedding_tensors(args, frozen) if stage.has_embedding else [])
+    first = layer_tensors(args, *setup_inventory(setup))
+    first += embedding_tensors(args, frozen) if stage.has_embedding else []
     final = _final_grads(setup, first)
     return final if stage.layers else 0.0
 
@@ -361,10 +357,10 @@ def _gathered_params(args: ModelArgs, setup: Setup, stage: Stage, moment: str) -
         return 0.0
     w, tp = setup.param_bytes, setup.tp
     if setup.zero_stage < 3:
-        return w * sum(t.local_numel(tp) for t in stage_tensors(args, stage, *_local(setup)))
-    layer = w * sum(t.local_numel(tp) for t in layer_tensors(args, *_local(setup)))
+        return w * sum(t.local_numel(tp) for t in stage_tensors(args, stage, *setup_inventory(setup)))
+    layer = w * sum(t.local_numel(tp) for t in layer_tensors(args, *setup_inventory(setup)))
     ends = Stage(stage.pp_rank, 0, stage.has_embedding, stage.has_head, stage.stage_ids, ())
-    root = w * sum(t.local_numel(tp) for t in stage_tensors(args, ends, *_local(setup)))
+    root = w * sum(t.local_numel(tp) for t in stage_tensors(args, ends, *setup_inventory(setup)))
     return {"forward": root + layer, "loss": 0.0, "backward": root + 2 * layer}[moment]
 
 
@@ -380,7 +376,7 @@ def _autocast_copies(args: ModelArgs, setup: Setup, stage: Stage) -> tuple[float
     kept_layers = stage.layers - act.checkpointed_layers(setup, stage.layer_ids)
     first = 0.0  # PEFT: q/k/v (and their lora_A) in the first layer read an input without grad: not saved
     if setup.peft != "none" and stage.has_embedding and stage.layers:
-        unsaved = [t for t in layer_tensors(args, *_local(setup))
+        unsaved = [t for t in layer_tensors(args, *setup_inventory(setup))
                    if t.name.split(".")[0] in ("q_proj", "k_proj", "v_proj") and not t.name.endswith("lora_B")]
         first = sum(t.local_numel(setup.tp) for t in unsaved) * DTYPE_BYTES[setup.compute_dtype]
     return stage.layers * per_layer + head - first, kept_layers * per_layer + head - first
@@ -390,7 +386,7 @@ def _one_layer_copies(args: ModelArgs, setup: Setup) -> float:
     """Autocast copies of one layer's matrices (LoRA factors included)."""
     if not setup.autocast:
         return 0.0
-    linears = [t for t in layer_tensors(args, *_local(setup)) if len(t.shape) == 2]
+    linears = [t for t in layer_tensors(args, *setup_inventory(setup)) if len(t.shape) == 2]
     return sum(t.local_numel(setup.tp) for t in linears) * DTYPE_BYTES[setup.compute_dtype]
 
 

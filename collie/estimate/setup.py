@@ -43,7 +43,8 @@ class Setup:
     master_weights: bool = False  # fp32 master copy + fp32 states for 16-bit params (DeepSpeed engine)
     peft: str = "none"  # none or lora
     lora_r: int = 8
-    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")
+    lora_targets: tuple[str, ...] = ("q_proj", "v_proj")  # peft.target_modules: last name components
+    lora_experts: bool = False  # peft.lora_experts: the routed experts' targets adapted too (MoE)
     param_dtype: str = "float32"  # model.dtype
     precision: str = "fp32"  # train.precision: fp32, or bf16/fp16 autocast
     activation_checkpointing: str = "none"  # none, full, selective (every checkpoint_every-th layer), attention
@@ -169,6 +170,9 @@ class Setup:
         unknown = [t for t in self.lora_targets if t not in LINEAR_NAMES]
         if unknown:
             raise ConfigError(f"estimate: lora target(s) {unknown} unknown; choose from {', '.join(LINEAR_NAMES)}")
+        if self.lora_experts and self.peft != "lora":
+            raise ConfigError(f"peft.lora_experts=true gives routed experts LoRA factors: set peft.method=lora (it "
+                              f"is {self.peft}) or peft.lora_experts=false")
         check_layout(dp=self.dp, tp=self.tp, pp=self.pp, cp=self.cp, zero_stage=self.zero_stage, engine=self.engine,
                      dp_replicate=self.dp_replicate,
                      optimizer=self.optimizer, fused=self.fused, micro_batch_size=self.micro_batch_size,
@@ -180,8 +184,18 @@ class Setup:
                               cpu_offload=self.cpu_offload)
 
     def check_model(self, args) -> None:
-        """The rules that need the model: ep needs routed experts, num_experts/ep on every rank."""
+        """The rules that need the model: ep needs routed experts, num_experts/ep on every rank; LoRA on the
+        routed experts needs them and a target among their linears (collie's own checks)."""
         check_expert_parallel_model(self.ep, args.architecture, args.num_experts)
+        mlp = ("gate_proj", "up_proj", "down_proj")
+        if self.lora_experts:
+            from collie.peft.lora import check_expert_targets
+            check_expert_targets(set(mlp) if args.num_experts else set(), self.lora_targets)
+        unmatched = [t for t in self.lora_targets if t in mlp and args.num_experts and
+                     not args.shared_expert_intermediate_size and not self.lora_experts]
+        if self.peft == "lora" and unmatched:  # as collie.peft.apply_lora: only routed experts have them
+            raise ConfigError(f"peft.target_modules={list(self.lora_targets)}: {unmatched} matches no linear of this "
+                              f"model (the routed experts' linears get adapters only with peft.lora_experts=true)")
 
     # --- from a job config -----------------------------------------------------------------------------------
     @classmethod
@@ -204,7 +218,8 @@ class Setup:
             pp_split=p.pp_split, pp_boundaries=tuple(p.pp_boundaries) if p.pp_boundaries else None,
             engine=p.engine, optimizer=cfg.optim.name, clip_grad_norm=cfg.optim.clip_grad_norm,
             master_weights=p.engine == "deepspeed", peft=cfg.peft.method,
-            lora_r=cfg.peft.r, lora_targets=tuple(cfg.peft.target_modules), param_dtype=param_dtype,
+            lora_r=cfg.peft.r, lora_targets=tuple(cfg.peft.target_modules), lora_experts=cfg.peft.lora_experts,
+            param_dtype=param_dtype,
             precision=precision(cfg), activation_checkpointing=cfg.model.activation_checkpointing,
             checkpoint_every=cfg.model.checkpoint_every, micro_batch_size=cfg.train.micro_batch_size,
             seq_len=cfg.data.seq_len, grad_accum_steps=cfg.train.grad_accum_steps)

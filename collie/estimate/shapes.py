@@ -12,9 +12,6 @@ from dataclasses import dataclass
 
 from collie.models.args import ModelArgs
 
-COLWISE = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
-ROWWISE = ("o_proj", "down_proj")
-
 
 @dataclass(frozen=True)
 class Tensor:
@@ -45,9 +42,11 @@ class Tensor:
         return math.ceil(shape[0] / dp_shards) * math.prod(shape[1:])
 
 
-def layer_tensors(args: ModelArgs, lora_targets: tuple[str, ...] = (), lora_r: int = 0, ep: int = 1) -> list[Tensor]:
-    """The parameters of one decoder layer on one rank; with LoRA the base weights are frozen and adapters added;
-    with ``ep`` > 1 a rank holds num_experts/ep of the routed experts."""
+def layer_tensors(args: ModelArgs, lora_targets: tuple[str, ...] = (), lora_r: int = 0, ep: int = 1,
+                  lora_experts: bool = False) -> list[Tensor]:
+    """The parameters of one decoder layer on one rank; with LoRA the base weights are frozen and adapters added
+    (to the routed experts only with ``lora_experts``); with ``ep`` > 1 a rank holds num_experts/ep of the routed
+    experts."""
     h, d = args.hidden_size, args.head_dim_
     q, kv, inner = args.num_attention_heads * d, args.n_kv_heads * d, args.intermediate_size
     frozen = bool(lora_r)
@@ -71,11 +70,21 @@ def layer_tensors(args: ModelArgs, lora_targets: tuple[str, ...] = (), lora_r: i
     if args.mlp_bias:
         out += [Tensor("gate_proj.bias", (inner,), 0, not frozen), Tensor("up_proj.bias", (inner,), 0, not frozen),
                 Tensor("down_proj.bias", (h,), None, not frozen)]
-    for base in [t for t in out if t.name in lora_targets]:
+    return out + lora_tensors(out, lora_targets, lora_r, lora_experts) if lora_r else out
+
+
+def lora_tensors(tensors: list[Tensor], targets: tuple[str, ...], r: int, experts: bool = False) -> list[Tensor]:
+    """The LoRA factors of ``tensors``' targeted weights: as ``collie.peft.apply_lora``, every linear whose last
+    name component is a target (``experts.gate_proj`` for ``gate_proj``), a routed expert's only with ``experts``
+    (peft.lora_experts). A factor is split as its base: over tp (column-parallel: B (out, r) with the output;
+    row-parallel: A (r, in) with the input), a routed expert's over ep with its expert."""
+    out = []
+    for base in tensors:
+        if len(base.shape) != 2 or base.name.rsplit(".", 1)[-1] not in targets or (base.expert and not experts):
+            continue
         rows, cols = base.shape
-        # column-parallel targets: B (out, r) is split with the output; row-parallel: A (r, in) with the input
-        out.append(Tensor(f"{base.name}.lora_A", (lora_r, cols), 1 if base.name in ROWWISE else None))
-        out.append(Tensor(f"{base.name}.lora_B", (rows, lora_r), 0 if base.name in COLWISE else None))
+        out.append(Tensor(f"{base.name}.lora_A", (r, cols), 1 if base.tp_dim == 1 else None, expert=base.expert))
+        out.append(Tensor(f"{base.name}.lora_B", (rows, r), 0 if base.tp_dim == 0 else None, expert=base.expert))
     return out
 
 
@@ -84,9 +93,9 @@ def _moe_tensors(args: ModelArgs, frozen: bool, ep: int = 1) -> list[Tensor]:
     parameters (FSDP shards each on its own; expert parallelism keeps num_experts/ep of them on a rank,
     ``collie.distributed.expert_parallel``), plus the shared expert and its gate; not tensor parallel."""
     h, inner, shared = args.hidden_size, args.moe_intermediate_size_, args.shared_expert_intermediate_size
-    expert = lambda width, routed: [Tensor(f"{'experts' if routed else 'shared_expert'}.{name}", shape, None,  # noqa: E731
-                                           not frozen, routed) for name, shape in (
-        ("gate_proj", (width, h)), ("up_proj", (width, h)), ("down_proj", (h, width)))]
+    expert = lambda width, routed: [  # noqa: E731
+        Tensor(f"{'experts' if routed else 'shared_expert'}.{name}", shape, None, not frozen, routed)
+        for name, shape in (("gate_proj", (width, h)), ("up_proj", (width, h)), ("down_proj", (h, width)))]
     out = [Tensor("router", (args.num_experts, h), None, not frozen), *expert(inner, True) * (args.num_experts // ep)]
     if shared:
         out += [*expert(shared, False), Tensor("shared_expert_gate", (1, h), None, not frozen)]
@@ -144,6 +153,14 @@ def setup_stages(args: ModelArgs, setup) -> list[Stage]:
     return pipeline_stages(args, setup.pp, setup.stages_per_rank, setup.pp_split, setup.pp_boundaries)
 
 
+def setup_inventory(setup) -> tuple:
+    """What a rank's inventory depends on, as ``layer_tensors``/``stage_tensors`` take it after the stage: the
+    LoRA targets and rank (or none), ep, and whether the routed experts are adapted."""
+    if setup.peft != "lora":
+        return (), 0, setup.ep, False
+    return setup.lora_targets, setup.lora_r, setup.ep, setup.lora_experts
+
+
 def _split_layers(args: ModelArgs, num_stages: int, split: str, boundaries=None) -> list[range]:
     if num_stages == 1:
         return [range(args.num_hidden_layers)]
@@ -161,12 +178,13 @@ def model_tensors(args: ModelArgs) -> list[Tensor]:
     return embedding_tensors(args) + layer_tensors(args) * args.num_hidden_layers + head_tensors(args)
 
 
-def stage_tensors(args: ModelArgs, stage: Stage, lora_targets=(), lora_r: int = 0, ep: int = 1) -> list[Tensor]:
+def stage_tensors(args: ModelArgs, stage: Stage, lora_targets=(), lora_r: int = 0, ep: int = 1,
+                  lora_experts: bool = False) -> list[Tensor]:
     """The parameters one pp rank holds (layers repeated; embedding/head where the stage has them; 1/ep of the
     routed experts)."""
     frozen = bool(lora_r)
     out = embedding_tensors(args, frozen) if stage.has_embedding else []
-    out += layer_tensors(args, lora_targets, lora_r, ep) * stage.layers
+    out += layer_tensors(args, lora_targets, lora_r, ep, lora_experts) * stage.layers
     if stage.has_head:
         out += head_tensors(args, frozen)
         if args.tie_word_embeddings and not stage.has_embedding:  # unreachable: collie forbids tied + pp

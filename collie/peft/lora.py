@@ -71,7 +71,7 @@ def _find_targets(model: nn.Module, target_modules: tuple[str, ...], experts: bo
     linears = {name: m for name, m in model.named_modules() if isinstance(m, nn.Linear)}
     routed = {name.rsplit(".", 1)[-1] for name in linears if ROUTED_EXPERT.search(name)}
     if experts:
-        _check_expert_targets(routed, target_modules)
+        check_expert_targets(routed, target_modules)
     else:
         linears = {name: m for name, m in linears.items() if not ROUTED_EXPERT.search(name)}
     available = sorted({name.rsplit(".", 1)[-1] for name in linears})
@@ -90,7 +90,7 @@ def _find_targets(model: nn.Module, target_modules: tuple[str, ...], experts: bo
     return [name for name in linears if name.rsplit(".", 1)[-1] in target_modules]
 
 
-def _check_expert_targets(routed: set[str], target_modules: tuple[str, ...]) -> None:
+def check_expert_targets(routed: set[str], target_modules: tuple[str, ...]) -> None:
     """peft.lora_experts=true needs routed experts and a target among their linears."""
     if not routed:
         raise ConfigError("peft.lora_experts=true adapts routed experts, but this model has none (collie's "
