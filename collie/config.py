@@ -356,12 +356,9 @@ def _check_parallel(cfg: CollieConfig) -> None:
     check_config(cfg)  # every layout / optimizer / batch rule, each in one place (collie/layout_rules.py)
     if cfg.parallel.ep > 1:
         from collie.layout_rules import check_expert_parallel
-        from collie.optim import is_fused_optimizer, list_optimizers
-        p, name = cfg.parallel, cfg.optim.name
-        check_expert_parallel(p.ep, dp=p.dp, tp=p.tp, pp=p.pp, cp=p.cp, dp_replicate=p.dp_replicate,
-                              engine=p.engine, fused=name in list_optimizers() and is_fused_optimizer(name),
-                              optimizer=name, peft=cfg.peft.method, backend=cfg.model.backend,
-                              cpu_offload=p.cpu_offload)
+        p = cfg.parallel
+        check_expert_parallel(p.ep, dp=p.dp, cp=p.cp, dp_replicate=p.dp_replicate, engine=p.engine,
+                              peft=cfg.peft.method, backend=cfg.model.backend, cpu_offload=p.cpu_offload)
 
 
 def _check_optim(cfg: CollieConfig) -> None:

@@ -279,8 +279,7 @@ def check_config(cfg) -> None:
 
 # --- expert parallel ---------------------------------------------------------------------------------------
 
-def check_expert_parallel(ep: int, *, dp: int = -1, tp: int = 1, pp: int = 1, cp: int = 1, dp_replicate: int = 1,
-                          engine: str = "native", fused: bool = False, optimizer: str = "adamw",
+def check_expert_parallel(ep: int, *, dp: int = -1, cp: int = 1, dp_replicate: int = 1, engine: str = "native",
                           peft: str = "none", backend: str = "collie", cpu_offload: bool = False) -> None:
     """Expert parallelism shards the routed experts of collie's MoE families over ep ranks carved from the
     data-parallel group of each pipeline stage and tp rank. It runs with data parallelism and ZeRO 0-3 (native

@@ -70,8 +70,7 @@ def build_expert_parallel(ctx, ep: int) -> ExpertParallel | None:
     rank calls); None for ep=1."""
     if ep == 1:
         return None
-    check_expert_parallel(ep, dp=ctx.dp, tp=ctx.tp, pp=ctx.pp, cp=ctx.cp,
-                          dp_replicate=ctx.dp_replicate)
+    check_expert_parallel(ep, dp=ctx.dp, cp=ctx.cp, dp_replicate=ctx.dp_replicate)
     # world = pp × dp × tp in that order (cp and dp_replicate are 1); one grid per (pp, tp) coordinate, the
     # grids stacked along a first dimension that only orders them
     ranks = torch.arange(ctx.world_size).reshape(ctx.pp, ctx.dp // ep, ep, ctx.tp).permute(0, 3, 1, 2)

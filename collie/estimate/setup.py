@@ -179,9 +179,8 @@ class Setup:
                      pp_microbatches=self.pp_microbatches, pp_schedule=self.pp_schedule,
                      pp_boundaries=self.pp_boundaries, seq_len=self.seq_len, sequence_parallel=self.sequence_parallel,
                      cpu_offload=self.cpu_offload, peft=self.peft)
-        check_expert_parallel(self.ep, dp=self.dp, tp=self.tp, pp=self.pp, cp=self.cp, dp_replicate=self.dp_replicate,
-                              engine=self.engine, fused=self.fused, optimizer=self.optimizer, peft=self.peft,
-                              cpu_offload=self.cpu_offload)
+        check_expert_parallel(self.ep, dp=self.dp, cp=self.cp, dp_replicate=self.dp_replicate, engine=self.engine,
+                              peft=self.peft, cpu_offload=self.cpu_offload)
 
     def check_model(self, args) -> None:
         """The rules that need the model: ep needs routed experts, num_experts/ep on every rank; LoRA on the

@@ -47,7 +47,6 @@ def test_layout_rules_refuse_what_ep_does_not_run_with(kwargs, message):
         check_expert_parallel(2, **{"dp": 2, **kwargs})
     check_expert_parallel(2, dp=4)
     check_expert_parallel(2, dp=2, peft="lora")  # adapters stay with their experts (layout matrix)
-    check_expert_parallel(2, dp=2, tp=2, pp=2, fused=True, optimizer="adalomo")  # these compose (layout matrix)
     check_expert_parallel(1, cp=2)  # ep=1: nothing to check
 
 
