@@ -17,7 +17,7 @@ from torch.distributed.tensor import DTensor
 from collie.errors import CheckpointError
 from collie.models import from_pretrained, save_pretrained
 from collie.models.hf_io import atomic_directory
-from collie.peft.lora import apply_lora, lora_parameters, merge_lora
+from collie.peft.lora import apply_lora, lora_parameters, merge_lora, merged_weight
 
 ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
 PEFT_PREFIX = "base_model.model."
@@ -98,9 +98,8 @@ def merged_state_dict(state: dict, scale: float) -> dict:
     for key in state:
         if key.endswith(".lora_A.weight"):
             linear = key.removesuffix(".lora_A.weight")
-            weight = state[f"{linear}.weight"]
-            delta = state[f"{linear}.lora_B.weight"].float() @ state[key].float() * scale
-            merged[f"{linear}.weight"] = (weight.float() + delta).to(weight.dtype)
+            merged[f"{linear}.weight"] = merged_weight(state[f"{linear}.weight"], state[key],
+                                                       state[f"{linear}.lora_B.weight"], scale)
     return merged
 
 

@@ -179,14 +179,20 @@ def merge_lora(model: nn.Module) -> nn.Module:
     parameter trainable again. Works on tensor-parallel DTensor weights too (the product takes the weight's
     sharding)."""
     for linear in lora_linears(model).values():
-        delta = (linear.lora_B.weight.float() @ linear.lora_A.weight.float()) * linear.lora_scale
-        linear.weight.copy_((linear.weight.float() + delta).to(linear.weight.dtype))
+        linear.weight.copy_(merged_weight(linear.weight, linear.lora_A.weight, linear.lora_B.weight,
+                                          linear.lora_scale))
         _remove_factors(linear)
     for param in model.parameters():
         param.requires_grad_(True)
     if hasattr(model, "lora_spec"):
         del model.lora_spec
     return model
+
+
+def merged_weight(weight: torch.Tensor, lora_A: torch.Tensor, lora_B: torch.Tensor, scale: float) -> torch.Tensor:
+    """W + scale · B·A, computed in fp32 and rounded to W's dtype (the one merge rule: ``merge_lora`` and
+    ``collie.peft.export.merged_state_dict``)."""
+    return (weight.float() + (lora_B.float() @ lora_A.float()) * scale).to(weight.dtype)
 
 
 def _remove_factors(linear: nn.Module) -> None:
