@@ -1,9 +1,9 @@
 """Expert parallelism (``parallel.ep``): the layout rules, and checkpoints that move between ep degrees.
 
 The end-to-end equality with one process (losses, gradient norms, evaluations, exported and converted weights,
-generations) of dp2_ep2 (ZeRO-0), dp2_ep2_zero3 and dp4_ep2_zero1 (2 replicas of each expert) is in the layout
-matrix (tests/distributed/test_layout_matrix.py, feature "mixtral"). Here: a checkpoint saved at ep=2 resumes at
-ep=1 and one saved at ep=1 resumes at ep=2, continuing the uninterrupted one-process run (the DCP checkpoint
+generations) of dp2_ep2_zero3 and dp4_ep2_zero1 (2 replicas of each expert) is in the layout matrix
+(tests/distributed/test_layout_matrix.py, feature "mixtral"). Here: a checkpoint saved at ep=2 resumes at ep=1 and
+one saved at ep=1 resumes at ep=2 (dp2_ep2, ZeRO-0), continuing the uninterrupted one-process run (the DCP checkpoint
 holds every expert under its global name, whatever the ep degree that wrote it).
 """
 from __future__ import annotations
