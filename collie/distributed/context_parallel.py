@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import itertools
 from dataclasses import dataclass, field
 from functools import cached_property, partial
 
@@ -33,7 +34,7 @@ from torch.distributed._functional_collectives import all_gather_single_autograd
 
 from collie.data.pretrain import document_ids
 from collie.loss import IGNORE_INDEX, shift_labels
-from collie.models.attention_kernels import QuerySegment, chunked_causal_attention
+from collie.models.attention_kernels import DocumentSegments, QuerySegment, chunked_causal_attention
 from collie.models.components import is_right_padded
 
 
@@ -70,9 +71,9 @@ class SequenceShard:
             starts = [int(self.query_positions[0]), int(self.query_positions[chunk])]
             if self.documents is None:
                 segments = [QuerySegment(None, i * chunk, chunk, 0, start) for i, start in enumerate(starts)]
-            else:
-                segments = [segment for row, docs in enumerate(self.documents)
-                            for segment in _cut_at_documents(row, docs, starts, chunk)]
+            else:  # document lengths of every row, read with one host sync
+                segments = [segment for row, lengths in enumerate(DocumentSegments(self.documents).lengths)
+                            for segment in _cut_at_documents(row, lengths, starts, chunk)]
             if window is not None:  # pieces no longer than the window
                 segments = [QuerySegment(row, start + i, min(window, length - i), first, position + i)
                             for row, start, length, first, position in segments for i in range(0, length, window)]
@@ -107,9 +108,10 @@ class SequenceShard:
         return self._masks[window, dtype]
 
 
-def _cut_at_documents(row: int, documents: torch.Tensor, starts: list[int], chunk: int):
-    """The query segments of one row's chunks (global ``starts``, ``chunk`` long) cut at its document starts."""
-    doc_starts = [0, *(torch.nonzero(documents[1:] != documents[:-1]).flatten() + 1).tolist()]
+def _cut_at_documents(row: int, lengths: list[int], starts: list[int], chunk: int):
+    """The query segments of one row's chunks (global ``starts``, ``chunk`` long) cut at the starts of its
+    documents (of ``lengths``)."""
+    doc_starts = list(itertools.accumulate(lengths[:-1], initial=0))
     for index, start in enumerate(starts):
         end = start + chunk
         cuts = [start, *(d for d in doc_starts if start < d < end), end]
