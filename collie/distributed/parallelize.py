@@ -24,8 +24,7 @@ from collie.distributed.data_parallel import apply_data_parallel, shard_optimize
 from collie.distributed.expert_parallel import (ExpertParallel, apply_expert_parallel, build_expert_parallel,
                                                 expert_parameters, mark_expert_parameters, shard_experts)
 from collie.distributed.pipeline import PipelineRunner, build_stage_models
-from collie.distributed.tensor_parallel import (apply_tensor_parallel, vocab_parallel_loss_sum,
-                                                vocab_parallel_token_loss_sum)
+from collie.distributed.tensor_parallel import apply_tensor_parallel, vocab_parallel_token_loss_sum
 from collie.errors import CheckpointError
 from collie.layout_rules import check_cpu_offload, check_expert_parallel_model
 
@@ -87,7 +86,7 @@ class ParallelModel:
 
 def parallelize(model, args, parallel_cfg, ctx, device, init_fn: Callable[[], dict] | None = None,
                 activation_checkpointing: str = "none", checkpoint_every: int = 2,
-                loss_sum_fn: Callable = vocab_parallel_loss_sum, compute_dtype: torch.dtype | None = None
+                compute_dtype: torch.dtype | None = None
                 ) -> ParallelModel:
     """Turn ``model`` (built on the meta device, in its final dtype) into this rank's parts, materialized on
     ``device``. ``init_fn()`` returns the full CPU state dict to start from; it is called on global rank 0
@@ -127,9 +126,7 @@ def parallelize(model, args, parallel_cfg, ctx, device, init_fn: Callable[[], di
     if expert_parallel is not None:
         mark_expert_parameters(parts, expert_parallel)
     if ctx.pp > 1:
-        # under context parallelism the engine hands the pipeline targets that are already shifted
-        loss_sum_fn = vocab_parallel_token_loss_sum if ctx.cp > 1 else loss_sum_fn
-        parallel_model.runner = PipelineRunner(parts, stage_ids, ctx, loss_sum_fn)
+        parallel_model.runner = PipelineRunner(parts, stage_ids, ctx, vocab_parallel_token_loss_sum)
     return parallel_model
 
 

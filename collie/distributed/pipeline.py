@@ -16,7 +16,7 @@ from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGP
 from collie.distributed.tensor_parallel import full_logits
 from collie.errors import ConfigError
 from collie.layout_rules import check_microbatches, check_pipeline_batch  # noqa: F401 (re-exported)
-from collie.loss import count_loss_tokens
+from collie.loss import IGNORE_INDEX
 
 SCHEDULES = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B, "interleaved_1f1b": ScheduleInterleaved1F1B}
 
@@ -114,7 +114,8 @@ def build_stage_models(model, parallel_cfg, pp_rank: int) -> tuple[list, list[in
 class PipelineRunner:
     """Runs training and evaluation steps through the pipeline; every rank calls the same methods.
 
-    The loss of micro-batch m on the last stage is ``loss_sum_fn(logits, labels) / denominator`` with one
+    The loss of micro-batch m on the last stage is ``loss_sum_fn(logits, targets) / denominator`` (``targets``:
+    next-token targets, already shifted) with one
     step-level denominator (the global token count of the optimizer step), so gradients equal those of one
     process on the whole batch. Stages are built per input shape (pipelining fixes tensor shapes at first
     use): pad batches to a few lengths (``data.pad_to_multiple_of``) to keep that cache small.
@@ -129,8 +130,8 @@ class PipelineRunner:
         self._schedules: dict = {}
         self._denominator = torch.ones((), device=ctx.device)
 
-    def _loss_fn(self, output, labels):
-        return self.loss_sum_fn(output, labels) / self._denominator
+    def _loss_fn(self, output, targets):
+        return self.loss_sum_fn(output, targets) / self._denominator
 
     def _schedule(self, shape, training: bool):
         key = (tuple(shape), training)
@@ -143,14 +144,14 @@ class PipelineRunner:
                                        scale_grads=False)
         return self._schedules[key]
 
-    def _run(self, training: bool, input_ids, labels, inputs: dict | None):
+    def _run(self, training: bool, input_ids, targets, inputs: dict | None):
         batch, seq = input_ids.shape
         check_pipeline_batch(batch, self.n_microbatches, "train.micro_batch_size" if training else "eval.batch_size")
         kwargs = {key: value for key, value in (inputs or {}).items() if value is not None}  # split per micro-batch
         positions = kwargs.get("position_ids", torch.arange(seq, device=input_ids.device))
         kwargs["position_ids"] = positions.expand(batch, seq)
         args = (input_ids,) if self.ctx.is_first_stage else ()
-        target = labels if self.ctx.is_last_stage else None
+        target = targets if self.ctx.is_last_stage else None
         schedule = self._schedule(input_ids.shape, training)
         losses: list = []
         if training:
@@ -162,7 +163,7 @@ class PipelineRunner:
         dist.broadcast(total, group=self.ctx.pp_group, group_src=self.ctx.pp - 1)
         return total
 
-    def step(self, input_ids, labels, inputs: dict | None = None, loss_denominator=None):
+    def step(self, input_ids, targets, inputs: dict | None = None, loss_denominator=None):
         """Forward and backward of one batch (this dp replica's share) through all micro-batches.
 
         ``inputs``: the model's keyword inputs (position_ids, attention_mask, document_ids), each (batch, …).
@@ -171,15 +172,15 @@ class PipelineRunner:
         and dp ranks); default: this batch's count summed over dp. Returns the normalised loss, the same on
         every rank of the pipeline (sum it over dp for the global value)."""
         if loss_denominator is None:
-            loss_denominator = self.ctx.dp_sum(count_loss_tokens(labels).to(self.ctx.device)).clamp(min=1)
+            loss_denominator = self.ctx.dp_sum((targets != IGNORE_INDEX).sum().to(self.ctx.device)).clamp(min=1)
         self._denominator = torch.as_tensor(loss_denominator, dtype=torch.float32, device=self.ctx.device)
-        return self._run(True, input_ids, labels, inputs)
+        return self._run(True, input_ids, targets, inputs)
 
     @torch.no_grad()
-    def eval_forward(self, input_ids, labels, inputs: dict | None = None) -> torch.Tensor:
+    def eval_forward(self, input_ids, targets, inputs: dict | None = None) -> torch.Tensor:
         """Summed token loss of the batch (no backward), the same on every rank of the pipeline."""
         self._denominator = torch.ones((), device=self.ctx.device)
-        return self._run(False, input_ids, labels, inputs)
+        return self._run(False, input_ids, targets, inputs)
 
     @torch.no_grad()
     def last_logits(self, input_ids, position_ids=None, attention_mask=None) -> torch.Tensor:

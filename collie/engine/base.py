@@ -22,8 +22,8 @@ import torch
 from collie.builders import compute_dtype
 from collie.data.pretrain import document_ids
 from collie.distributed import barrier, full_logits, gather_full_state_dict, vocab_parallel_loss_sum
-from collie.distributed.tensor_parallel import vocab_parallel_token_loss_sum
 from collie.distributed.data_parallel import set_gradient_sync
+from collie.distributed.tensor_parallel import vocab_parallel_token_loss_sum
 from collie.engine import state as named_state
 from collie.engine.updates import StepResult
 from collie.loss import auxiliary_loss_sum, chunked_lm_loss_sum, count_loss_tokens

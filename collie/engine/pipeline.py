@@ -10,6 +10,7 @@ import torch
 from collie.distributed.data_parallel import set_gradient_sync
 from collie.engine.base import Engine
 from collie.errors import ConfigError
+from collie.loss import shift_labels
 
 
 class PipelineEngine(Engine):
@@ -29,12 +30,13 @@ class PipelineEngine(Engine):
         return loss / scale
 
     def _pipeline_batch(self, batch: dict):
-        """(context, token ids, labels, model inputs) of what the pipeline runs: the batch, or under context
-        parallelism this rank's share of it, whose targets are already shifted (the runner's loss then takes
-        them as they are), run inside ``ContextParallel.attending``."""
+        """(context, token ids, next-token targets, model inputs) of what the pipeline runs: the batch, or under
+        context parallelism this rank's share of it (shifted before the split), run inside
+        ``ContextParallel.attending``."""
         plan = self.context_parallel
         if plan is None:
-            return contextlib.nullcontext(), batch["input_ids"], batch["labels"], self.model_inputs(batch)
+            return (contextlib.nullcontext(), batch["input_ids"], shift_labels(batch["labels"]),
+                    self.model_inputs(batch))
         shard = plan.shard(batch)
         if shard.padding is not None:  # a (row × query × key) mask would not follow the micro-batches
             raise ConfigError(f"parallel.cp={self.ctx.cp} with parallel.pp={self.ctx.pp} needs right-padded batches "
